@@ -1,0 +1,27 @@
+"""nni-elastic: elastic CNNs with nested, runtime-switchable subnetworks for NNI and Optuna.
+
+Example:
+    >>> import torch, nni_elastic as ne
+    >>> model = ne.models.create_model("resnet20", num_classes=10, in_channels=1)
+    >>> em = ne.ElasticModel(model, torch.randn(1, 1, 28, 28), widths=(0.25, 0.5, 0.75, 1.0))
+    >>> em.set_level(0); compact = em.export(0)
+"""
+from __future__ import annotations
+
+from . import data, models
+from .elastic import ElasticModel, Level
+from .graph import UnsupportedModuleError, build_channel_graph
+from .models import create_model, list_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ElasticModel",
+    "Level",
+    "UnsupportedModuleError",
+    "build_channel_graph",
+    "create_model",
+    "data",
+    "list_models",
+    "models",
+]
