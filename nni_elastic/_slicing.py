@@ -79,6 +79,10 @@ class SlicedBatchNorm(_Sliced, nn.BatchNorm2d):
         if x.dim() not in (2, 3, 4):
             raise ValueError(f"expected 2D, 3D or 4D input to BatchNorm, got {x.dim()}D")
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        # skip _NormBase's upgrade of old checkpoints, which would re-add num_batches_tracked
+        nn.Module._load_from_state_dict(self, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_sel, _ = self._ne_spec()
         row = self._ne_state.bn_row

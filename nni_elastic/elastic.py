@@ -18,6 +18,7 @@ import copy
 import logging
 import math
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -96,6 +97,12 @@ def _channels_for(size: int, value: Union[int, float], round_to: int, where: str
             raise ValueError(f"{where}: {value} channels requested, the group has 1..{size}")
         k = int(value)
     return max(min(k, size), min(round_to, size), 1)
+
+
+def _saved_channels(channels: Mapping[str, int]) -> dict[str, Union[int, float]]:
+    """Saved channel counts as a ``levels`` entry: a count of 1 would read as width 1 (full), so it
+    becomes the smallest positive fraction, which keeps exactly one channel."""
+    return {g: (sys.float_info.min if k == 1 else k) for g, k in channels.items()}
 
 
 def _example_batch(shape: Sequence[int], device: torch.device, batch: int = 1) -> torch.Tensor:
@@ -388,10 +395,25 @@ class ElasticModel(nn.Module):
     def use_level(self, level: LevelLike) -> Iterator["ElasticModel"]:
         """Temporarily activate a level; the previous one is restored on exit."""
         previous = (self._state.index, self._state.bn_row)
+        slot = len(self.levels_)
+        # an ad-hoc level inside an ad-hoc level reuses its slot: keep what is needed to put it back
+        custom = getattr(self, "_custom_channels", None) if previous[0] == slot else None
+        rows = None
+        if custom is not None and self.bn_mode == "per_level":
+            rows = [(m.level_running_mean[slot].clone(), m.level_running_var[slot].clone(),
+                     m.level_num_batches_tracked[slot].clone()) for m in self._bn_modules()]
         self.set_level(level)
         try:
             yield self
         finally:
+            if custom is not None and self._custom_channels != custom:
+                self._set_spec(slot, custom)
+                self._custom_channels = custom
+                with torch.no_grad():
+                    for m, (mean, var, count) in zip(self._bn_modules(), rows or ()):
+                        m.level_running_mean[slot].copy_(mean)
+                        m.level_running_var[slot].copy_(var)
+                        m.level_num_batches_tracked[slot].copy_(count)
             self._state.index, self._state.bn_row = previous
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -456,19 +478,21 @@ class ElasticModel(nn.Module):
         else:
             with self.use_level(level):
                 return self.export()
-        plain = copy.deepcopy(self.model)
-        for m in plain.modules():
-            _slicing.make_plain(m, row)
-        if hasattr(plain, "nni_elastic_arch"):
-            plain.nni_elastic_arch = copy.deepcopy(plain.nni_elastic_arch)
-        example = _example_batch(self.example_shape, self._device())
-        dg = tp.DependencyGraph().build_dependency(plain, example_inputs=example, verbose=False)
-        for g in self.graph.groups:
-            k = channels[g.name]
-            if k < g.size:
-                root = plain.get_submodule(g.name)
-                pruner = dg.get_pruner_of_module(root)
-                dg.get_pruning_group(root, pruner.prune_out_channels, list(range(k, g.size))).prune()
+        # torch-pruning traces through autograd, and the copy must hold normal (not inference) tensors
+        with torch.inference_mode(False), torch.enable_grad():
+            plain = copy.deepcopy(self.model)
+            for m in plain.modules():
+                _slicing.make_plain(m, row)
+            if hasattr(plain, "nni_elastic_arch"):
+                plain.nni_elastic_arch = copy.deepcopy(plain.nni_elastic_arch)
+            example = _example_batch(self.example_shape, self._device())
+            dg = tp.DependencyGraph().build_dependency(plain, example_inputs=example, verbose=False)
+            for g in self.graph.groups:
+                k = channels[g.name]
+                if k < g.size:
+                    root = plain.get_submodule(g.name)
+                    pruner = dg.get_pruner_of_module(root)
+                    dg.get_pruning_group(root, pruner.prune_out_channels, list(range(k, g.size))).prune()
         plain.nni_elastic_channels = dict(channels)
         return plain.eval()
 
@@ -630,7 +654,7 @@ class ElasticModel(nn.Module):
         em = cls(
             model,
             torch.zeros(payload["example_shape"]),
-            levels=[lv["channels"] for lv in saved],
+            levels=[_saved_channels(lv["channels"]) for lv in saved],
             reorder=False,
             bn=payload["bn"],
             round_to=payload.get("round_to", 1),

@@ -185,7 +185,8 @@ def build_channel_graph(
     was_training = model.training
     dg = tp.DependencyGraph()
     try:
-        dg.build_dependency(model, example_inputs=example_inputs, verbose=False)
+        with torch.inference_mode(False), torch.enable_grad():  # torch-pruning traces through autograd
+            dg.build_dependency(model, example_inputs=example_inputs, verbose=False)
     except Exception as exc:  # tracing runs user code; name what failed
         raise ValueError(
             f"torch-pruning could not trace {type(model).__name__} with example inputs of shape "

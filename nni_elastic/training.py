@@ -1,0 +1,222 @@
+"""The one training and evaluation loop shared by every strategy.
+
+``train`` runs epochs of SGD/Adam with a cosine schedule and shows a tqdm bar per epoch (silent
+with ``quiet=True``). Elastic models train jointly over their levels with
+:func:`elastic_step`: the sandwich rule with in-place distillation (Universally Slimmable
+Networks, Yu & Huang 2019): the largest level learns from the labels, the others from the
+largest level's soft predictions, so every nested width stays accurate.
+
+Example:
+    >>> history = train(em, splits.train, splits.val, TrainConfig(epochs=3), step=elastic_step)
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .device import resolve_device
+
+__all__ = ["TrainConfig", "History", "train", "evaluate", "evaluate_levels", "elastic_step", "plain_step", "seed_everything"]
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "constant")
+
+Step = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`train` (validated on construction)."""
+
+    epochs: int = 5
+    lr: float = 0.05
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ValueError(f"epochs={self.epochs!r} must be an integer >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} must be > 0")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size!r} must be an integer >= 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} is not supported; use one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is not supported; use one of {SCHEDULES}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
+
+
+@dataclass
+class History:
+    """Per-epoch records: ``{"epoch", "train_loss", "val_loss", "val_accuracy", "lr"}``."""
+
+    epochs: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def last(self) -> dict[str, float]:
+        return self.epochs[-1] if self.epochs else {}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the model's current configuration; calls ``backward`` and returns the loss."""
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss.detach()
+
+
+def elastic_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, levels: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Sandwich-rule step over an ``ElasticModel``'s levels with in-place distillation.
+
+    The largest level is trained on the labels; each other level (all of them by default) is
+    trained to match the largest level's detached soft predictions. Gradients accumulate over
+    levels before one optimizer step; every level updates its own BatchNorm statistics.
+    Returns the largest level's loss.
+    """
+    order = list(range(model.num_levels)) if levels is None else list(levels)
+    largest = max(order)
+    with model.use_level(largest):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+    soft = logits.detach().softmax(dim=1)
+    for i in order:
+        if i != largest:
+            with model.use_level(i):
+                F.kl_div(model(x).log_softmax(dim=1), soft, reduction="batchmean").backward()
+    return loss.detach()
+
+
+def _loader(data: Dataset | DataLoader, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    if isinstance(data, DataLoader):
+        return data
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator if shuffle else None)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256, device: str | torch.device = "auto") -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` (in eval mode) on ``data``."""
+    device = resolve_device(device)
+    was_training = model.training
+    model.eval()
+    total, correct, loss_sum = 0, 0, 0.0
+    try:
+        for x, y in _loader(data, batch_size, False, 0):
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(dim=1) == y).sum().item()
+            total += y.numel()
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("evaluate got an empty dataset")
+    return {"loss": loss_sum / total, "accuracy": correct / total}
+
+
+def evaluate_levels(em: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256, device: str | torch.device = "auto") -> list[dict[str, float]]:
+    """:func:`evaluate` at every level of an ``ElasticModel`` (smallest first)."""
+    results = []
+    for i in range(em.num_levels):
+        with em.use_level(i):
+            results.append(evaluate(em, data, batch_size=batch_size, device=device))
+    return results
+
+
+def train(
+    model: nn.Module,
+    train_data: Dataset | DataLoader,
+    val_data: Optional[Dataset | DataLoader] = None,
+    cfg: Optional[TrainConfig] = None,
+    *,
+    step: Step = plain_step,
+    params: Optional[Sequence[torch.nn.Parameter]] = None,
+    device: str | torch.device = "auto",
+    quiet: bool = False,
+    desc: str = "train",
+    on_epoch_end: Optional[Callable[[int, dict[str, float]], Any]] = None,
+    evaluate_fn: Optional[Callable[[nn.Module, Any], dict[str, float]]] = None,
+) -> History:
+    """Train ``model`` for ``cfg.epochs`` epochs; evaluate on ``val_data`` after each.
+
+    Args:
+        model: the network (moved to ``device``).
+        train_data, val_data: datasets or loaders of ``(x, y)`` batches.
+        cfg: hyper-parameters (defaults of :class:`TrainConfig`).
+        step: computes the loss of one batch and calls ``backward`` (``plain_step`` or
+            ``elastic_step``); returns the loss to display.
+        params: the parameters to optimise (default: all that require grad).
+        device: ``auto``, ``cpu``, ``cuda``.
+        quiet: no progress bar.
+        desc: progress bar label.
+        on_epoch_end: called with ``(epoch, record)``; may raise to stop.
+        evaluate_fn: replaces :func:`evaluate` for validation (e.g. the smallest level too).
+    """
+    cfg = cfg or TrainConfig()
+    device = resolve_device(device)
+    model.to(device)
+    seed_everything(cfg.seed)
+    loader = _loader(train_data, cfg.batch_size, True, cfg.seed)
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    history = History()
+    if cfg.epochs == 0 or not params:
+        return history
+    opt = make_optimizer(params, cfg)
+    steps = cfg.epochs * max(1, len(loader))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, (lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))) if cfg.schedule == "cosine" else (lambda s: 1.0)
+    )
+    for epoch in range(cfg.epochs):
+        model.train()
+        loss_sum, batches = 0.0, 0
+        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=quiet, leave=False, dynamic_ncols=True)
+        for x, y in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            opt.zero_grad(set_to_none=True)
+            loss = step(model, x, y)
+            opt.step()
+            sched.step()
+            loss_sum += float(loss)
+            batches += 1
+            bar.set_postfix(loss=f"{loss_sum / batches:.4f}")
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, batches), "lr": sched.get_last_lr()[0]}
+        if val_data is not None:
+            metrics = evaluate_fn(model, val_data) if evaluate_fn else evaluate(model, val_data, device=device)
+            record.update({f"val_{k}": v for k, v in metrics.items()})
+        history.epochs.append(record)
+        logger.info("%s epoch %d: %s", desc, epoch + 1, record)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
+    return history
