@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import math
 import statistics
@@ -248,13 +249,29 @@ class ElasticModel(nn.Module):
     def _accumulate_grads(self, data: Iterable, loss_fn: Callable, max_batches: int = 8) -> None:
         device = next(self.model.parameters()).device
         self.model.zero_grad(set_to_none=True)
-        for i, (x, y) in enumerate(data):
-            if i >= max_batches:
-                break
-            loss_fn(self.model(x.to(device)), y.to(device)).backward()
+        # ranking must not change the function: train-mode forwards would move BN running statistics
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        try:
+            with torch.enable_grad():
+                for i, (x, y) in enumerate(data):
+                    if i >= max_batches:
+                        break
+                    loss_fn(self.model(x.to(device)), y.to(device)).backward()
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
 
     def _convert(self) -> None:
-        modules = sorted({name for name, _ in self.graph.dims})
+        modules = {name for name, _ in self.graph.dims}
+        # BatchNorms outside elastic groups (after an ignored or output-coupled layer) still see
+        # level-dependent inputs: they get per-level statistics too, at full width
+        modules |= {
+            name
+            for name, m in self.model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
+        }
+        modules = sorted(modules)
         rows = len(self.levels_) + 1 if self.bn_mode == "per_level" else 1
         for name in modules:
             _slicing.make_sliced(self.model.get_submodule(name), self._state, rows)
@@ -278,16 +295,18 @@ class ElasticModel(nn.Module):
             module._ne_specs.append(tuple(sels))
 
     def _set_spec(self, slot: int, channels: Mapping[str, int]) -> None:
-        keep = keep_indices(self.graph, channels)
-        for name in self._sliced_names:
-            module = self.model.get_submodule(name)
-            sels = []
-            for dim in ("out", "in"):
-                sel = keep.get((name, dim))
-                if sel is not None and not isinstance(sel, int):
-                    sel = sel.to(module.weight.device if module.weight is not None else "cpu")
-                sels.append(None if isinstance(sel, int) and sel == self.graph.dims.get((name, dim)) else sel)
-            module._ne_specs[slot] = tuple(sels)
+        with torch.inference_mode(False):  # selectors made under inference mode could not train later
+            keep = keep_indices(self.graph, channels)
+            for name in self._sliced_names:
+                module = self.model.get_submodule(name)
+                device = module.weight.device if module.weight is not None else module.level_running_mean.device
+                sels = []
+                for dim in ("out", "in"):
+                    sel = keep.get((name, dim))
+                    if sel is not None and not isinstance(sel, int):
+                        sel = sel.to(device)
+                    sels.append(None if isinstance(sel, int) and sel == self.graph.dims.get((name, dim)) else sel)
+                module._ne_specs[slot] = tuple(sels)
 
     def _check_smallest_level(self, example_inputs: torch.Tensor) -> None:
         was_training = self.model.training
@@ -592,7 +611,8 @@ class ElasticModel(nn.Module):
         """Write the model, its levels and ``metadata`` atomically to ``path``.
 
         Models from ``nni_elastic.models.create_model`` are stored as weights + architecture and
-        load with ``torch.load(weights_only=True)``; other models are also pickled whole.
+        load with ``torch.load(weights_only=True)``; other models are also pickled
+        whole (as bytes inside the file, which still loads with ``weights_only=True``).
         """
         arch = getattr(self.model, "nni_elastic_arch", None)
         payload: dict[str, Any] = {
@@ -611,7 +631,11 @@ class ElasticModel(nn.Module):
             plain = copy.deepcopy(self.model).cpu()
             for m in plain.modules():
                 _slicing.make_plain(m, 0)
-            payload["module"] = plain
+            # pickled into bytes, so the file itself still loads with ``weights_only=True``
+            # (``load(path, model=...)`` never unpickles it)
+            buffer = io.BytesIO()
+            torch.save(plain, buffer)
+            payload["module"] = buffer.getvalue()
         atomic_save(payload, path)
 
     @classmethod
@@ -647,6 +671,9 @@ class ElasticModel(nn.Module):
                 model = create_model(arch["name"], **arch["kwargs"])
             elif "module" in payload:
                 model = payload["module"]
+                if isinstance(model, bytes):
+                    logger.info("%s: unpickling the stored model (load only files you trust)", path)
+                    model = torch.load(io.BytesIO(model), map_location=map_location, weights_only=False)
             else:
                 raise ValueError(f"{path}: no architecture recorded; pass model=<a new instance of the architecture>")
         model = model.to(map_location) if map_location is not None and not callable(map_location) else model

@@ -132,15 +132,18 @@ def _member_dim(dg: tp.DependencyGraph, module: nn.Module, handler: Callable) ->
     return "out" if handler == pruner.prune_out_channels else "in"
 
 
-def _check_module(name: str, module: object, root: str) -> None:
+def _check_module(name: str, module: object, root: str, model: nn.Module | None = None) -> None:
     fix = (
         f"keep this group at full width with ElasticModel(..., ignored_layers=[{root!r}])"
         f" (supported inside elastic groups: {SUPPORTED_TEXT})"
     )
     if isinstance(module, nn.Parameter):
+        owner_path = name.rpartition(".")[0]
+        owner = model.get_submodule(owner_path) if model is not None else None
+        where = f"of module {owner_path!r} ({type(owner).__name__})" if owner_path and owner is not None else "of the model"
         raise UnsupportedModuleError(
-            f"parameter {name!r} (a bare nn.Parameter used in forward) is coupled to channel group "
-            f"{root!r} and cannot be sliced; {fix}, or wrap it in a supported layer"
+            f"parameter {name!r} {where} is a bare nn.Parameter used in forward; it is coupled to channel "
+            f"group {root!r} and cannot be sliced; {fix}, or wrap it in a supported layer"
         )
     if not isinstance(module, _SUPPORTED):
         raise UnsupportedModuleError(
@@ -199,6 +202,7 @@ def build_channel_graph(
     fixed: list[str] = []
     dims: dict[tuple[str, str], int] = {}
     seen_out: set[str] = set()
+    problems: list[tuple[str, object]] = []  # (group root, unsupported member): reported together
     for module in list(dg.module2node):
         if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)) or names.get(module) in seen_out:
             continue
@@ -224,7 +228,7 @@ def build_channel_graph(
                 unsupported = unsupported or (tname, f"channel {target.type.name.lower()} op")
                 continue
             try:
-                _check_module(tname, target.module, root)
+                _check_module(tname, target.module, root, model)
             except UnsupportedModuleError as exc:
                 unsupported = unsupported or exc
                 continue
@@ -236,17 +240,31 @@ def build_channel_graph(
             fixed.append(root)
             continue
         if unsupported is not None:
-            if isinstance(unsupported, UnsupportedModuleError):
-                raise unsupported
-            raise UnsupportedModuleError(
-                f"{unsupported[1]} {unsupported[0]!r} splits channel group {root!r}; elastic slicing "
-                f"needs whole groups; keep it at full width with ElasticModel(..., ignored_layers=[{root!r}])"
-            )
+            problems.append((root, unsupported))
+            continue
         groups.append(ChannelGroup(root, size, members, tp_group))
         for m in members:
             mod = model.get_submodule(m.module)
             dims[(m.module, m.dim)] = _full_size(mod, m.dim)
+    if problems:
+        raise _unsupported_error(problems)
     return ChannelGraph(groups, dims, fixed)
+
+
+def _unsupported_error(problems: list[tuple[str, object]]) -> UnsupportedModuleError:
+    """The first problem's message, suggesting ``ignored_layers`` for every group that needs it."""
+    root, first = problems[0]
+    if isinstance(first, UnsupportedModuleError):
+        message = str(first)
+    else:
+        message = (
+            f"{first[1]} {first[0]!r} splits channel group {root!r}; elastic slicing "
+            f"needs whole groups; keep it at full width with ElasticModel(..., ignored_layers=[{root!r}])"
+        )
+    roots = list(dict.fromkeys(r for r, _ in problems))
+    if len(roots) > 1:  # e.g. a grouped conv is in its input's group and heads its own
+        message = message.replace(f"ignored_layers=[{root!r}]", f"ignored_layers={roots!r}")
+    return UnsupportedModuleError(message)
 
 
 def _shape_of(inputs: object) -> object:

@@ -34,6 +34,8 @@ class ConvBlock(nn.Sequential):
 class GrowableStage(nn.Module):
     """An entry ConvBlock (which may downsample) followed by a growable ``blocks`` Sequential."""
 
+    __jit_unused_properties__ = ["out_channels"]
+
     def __init__(self, in_channels: int, out_channels: int, stride: int, num_blocks: int) -> None:
         super().__init__()
         self.entry = ConvBlock(in_channels, out_channels, stride)
@@ -75,6 +77,8 @@ class GrowableCNN(nn.Module):
         >>> model.block_counts
         [1, 1]
     """
+
+    __jit_unused_properties__ = ["block_counts"]
 
     def __init__(
         self,
