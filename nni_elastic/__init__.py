@@ -12,12 +12,14 @@ from . import data, models
 from .elastic import ElasticModel, Level
 from .graph import UnsupportedModuleError, build_channel_graph
 from .models import create_model, list_models
+from .strategies import PruneAndGrow
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ElasticModel",
     "Level",
+    "PruneAndGrow",
     "UnsupportedModuleError",
     "build_channel_graph",
     "create_model",

@@ -15,8 +15,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .checkpoint import atomic_save, atomic_write_json
+from .checkpoint import atomic_write_json
 from .device import DEVICES, resolve_device
+from .reporting import plot_levels, print_table, save_exports
 
 logger = logging.getLogger("nni_elastic")
 
@@ -26,89 +27,6 @@ def _widths(text: str) -> tuple[float, ...]:
         return tuple(float(w) for w in text.split(",") if w.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"--widths {text!r}: give comma-separated fractions, e.g. 0.25,0.5,1.0") from None
-
-
-def _print_table(rows: list[dict[str, Any]], title: str, quiet: bool) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    columns = [c for c in ("level", "width", "macs", "macs_ratio", "params", "latency_ms", "accuracy") if any(c in r for r in rows)]
-    for c in columns:
-        table.add_column(c, justify="right")
-    for r in rows:
-        table.add_row(*[_fmt(c, r.get(c)) for c in columns])
-    Console(file=sys.stdout, width=120).print(table)
-
-
-def _fmt(column: str, value: Any) -> str:
-    if value is None:
-        return "-"
-    if column in ("macs", "params"):
-        return f"{value / 1e6:.3f}M"
-    if column in ("macs_ratio", "accuracy"):
-        return f"{100 * value:.1f}%"
-    if column == "latency_ms":
-        return f"{value:.3f}"
-    if column == "width" and isinstance(value, float):
-        return f"{value:.2f}"
-    return str(value)
-
-
-def save_exports(em: Any, out_dir: Path, formats: Sequence[str] = ("torch", "torchscript")) -> list[Path]:
-    """Write every level's compact export into ``out_dir`` (pickled module, TorchScript, ONNX)."""
-    written = []
-    for level in em.levels:
-        module = em.export(level.index).cpu()
-        example = torch.zeros((1, *em.example_shape[1:]))
-        stem = out_dir / f"level{level.index}"
-        if "torch" in formats:
-            written.append(atomic_save(module, stem.with_suffix(".pt")))
-        if "torchscript" in formats:
-            scripted = torch.jit.trace(module, example)
-            path = stem.with_suffix(".ts")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            scripted.save(str(tmp))
-            tmp.replace(path)
-            written.append(path)
-        if "onnx" in formats:
-            path = stem.with_suffix(".onnx")
-            with warnings.catch_warnings():  # the TorchScript exporter is fast and quiet; torch marks it legacy
-                warnings.simplefilter("ignore", DeprecationWarning)
-                torch.onnx.export(
-                    module, (example,), str(path), input_names=["input"], output_names=["logits"],
-                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
-                )
-            written.append(path)
-    return written
-
-
-def plot_levels(rows: list[dict[str, Any]], path: Path, title: str) -> Optional[Path]:
-    """Accuracy vs MACs of the levels, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = [(r["macs"], r["accuracy"], r["width"]) for r in rows if r.get("accuracy") is not None]
-    if not pts:
-        return None
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([p[0] / 1e6 for p in pts], [100 * p[1] for p in pts], "o-")
-    for macs, acc, width in pts:
-        ax.annotate(f"{width:g}" if isinstance(width, float) else "", (macs / 1e6, 100 * acc), textcoords="offset points", xytext=(4, -10))
-    ax.set_xlabel("MACs (M, batch 1)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -134,8 +52,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     atomic_write_json({"model": args.model, "dataset": args.data, "device": str(device), "levels": rows}, out / "levels.json")
     plot = plot_levels(rows, out / "accuracy_vs_macs.png", f"{args.model} on {args.data}")
     if not args.quiet:
-        _print_table(rows, f"{args.model} on {args.data}: elastic levels (validation accuracy, latency on {device})", args.quiet)
+        print_table(rows, f"{args.model} on {args.data}: elastic levels (validation accuracy, latency on {device})")
         print(f"checkpoint: {out / 'elastic.pt'}\nexports:    {len(exports)} files in {out / 'exports'}\nplot:       {plot}")
+    return 0
+
+
+def _overrides(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: use dotted.key=value, e.g. --set strategy.grow_epochs=1")
+        out[key.strip()] = value
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_recipe
+    from .runner import run_recipe
+
+    overrides = _overrides(args.set)
+    if args.device:
+        overrides["device"] = args.device
+    recipe = load_recipe(args.recipe, overrides)
+    result = run_recipe(recipe, output=args.out, resume=args.resume, quiet=args.quiet)
+    if not args.quiet:
+        print_table(result.rows, f"{recipe.model.name} on {recipe.data.name}: {recipe.method} levels "
+                    f"(validation accuracy, latency on {resolve_device(recipe.device)})")
+        print(f"training compute: {result.compute['full_epochs']:.2f} full-model epochs")
+        print(f"output: {result.output} (elastic.pt, exports/, levels.json, accuracy_vs_macs.png)")
     return 0
 
 
@@ -163,7 +108,7 @@ def cmd_levels(args: argparse.Namespace) -> int:
     if args.json:
         print(__import__("json").dumps(rows, indent=2))
     else:
-        _print_table(rows, "elastic levels", False)
+        print_table(rows, "elastic levels")
     return 0
 
 
@@ -202,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", choices=None, help=f"one of {', '.join(DEVICES)}")
     t.add_argument("--out", default="runs/quickstart")
     t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("run", parents=[common], help="run a strategy recipe (strategies/<method>/<recipe>.yaml)")
+    r.add_argument("recipe", help="a YAML recipe, e.g. strategies/prune_and_grow/digits.yaml")
+    r.add_argument("--out", default=None, help="output directory (default: the recipe's output)")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key, e.g. strategy.grow_epochs=1")
+    r.add_argument("--device", default=None, help="auto | cpu | cuda (overrides the recipe)")
+    r.set_defaults(func=cmd_run)
 
     for name, func, helptext in (("levels", cmd_levels, "print the level table of a checkpoint or zoo model"), ("export", cmd_export, "write compact exports of every level")):
         p = sub.add_parser(name, parents=[common], help=helptext)

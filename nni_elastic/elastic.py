@@ -438,6 +438,34 @@ class ElasticModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
+    def parameter_masks(self, level: LevelLike) -> dict[str, torch.Tensor]:
+        """Boolean masks of the entries of every parameter that a level uses (``{name: mask}``).
+
+        Parameters outside sliced modules are used by every level (all ``True``). Used to train
+        only the channels a level adds on top of a smaller one, and to check nesting.
+        """
+        channels = self.channels_of(level) if not isinstance(level, Mapping) else self._channels_from_dict(level, "level")
+        keep = keep_indices(self.graph, channels)
+        masks: dict[str, torch.Tensor] = {}
+        for mod_name, module in self.model.named_modules():
+            for p_name, p in module.named_parameters(recurse=False):
+                full = f"{mod_name}.{p_name}" if mod_name else p_name
+                mask = torch.ones_like(p, dtype=torch.bool)
+                for axis, dim in ((0, "out"), (1, "in")):
+                    sel = keep.get((mod_name, dim))
+                    if sel is None or p.dim() <= axis or (dim == "in" and p.dim() < 2):
+                        continue
+                    keep_axis = torch.zeros(p.shape[axis], dtype=torch.bool, device=p.device)
+                    if isinstance(sel, int):
+                        keep_axis[:sel] = True
+                    else:
+                        keep_axis[sel.to(p.device)] = True
+                    shape = [1] * p.dim()
+                    shape[axis] = -1
+                    mask &= keep_axis.view(shape)
+                masks[full] = mask
+        return masks
+
     # ------------------------------------------------------------------ BatchNorm
     @torch.no_grad()
     def calibrate_bn(

@@ -168,6 +168,7 @@ def train(
     desc: str = "train",
     on_epoch_end: Optional[Callable[[int, dict[str, float]], Any]] = None,
     evaluate_fn: Optional[Callable[[nn.Module, Any], dict[str, float]]] = None,
+    after_step: Optional[Callable[[], Any]] = None,
 ) -> History:
     """Train ``model`` for ``cfg.epochs`` epochs; evaluate on ``val_data`` after each.
 
@@ -183,6 +184,7 @@ def train(
         desc: progress bar label.
         on_epoch_end: called with ``(epoch, record)``; may raise to stop.
         evaluate_fn: replaces :func:`evaluate` for validation (e.g. the smallest level too).
+        after_step: called after every optimizer step (e.g. to restore frozen weights).
     """
     cfg = cfg or TrainConfig()
     device = resolve_device(device)
@@ -207,6 +209,8 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss = step(model, x, y)
             opt.step()
+            if after_step is not None:
+                after_step()
             sched.step()
             loss_sum += float(loss)
             batches += 1

@@ -1,0 +1,99 @@
+"""Outputs people look at: level tables, compact exports of every level, accuracy-vs-MACs plots."""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .checkpoint import atomic_save
+
+__all__ = ["print_table", "save_exports", "plot_levels"]
+
+
+def print_table(rows: list[dict[str, Any]], title: str) -> None:
+    """Print level rows (width, MACs, params, latency, accuracy) as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    columns = [c for c in ("level", "width", "macs", "macs_ratio", "params", "latency_ms", "accuracy") if any(c in r for r in rows)]
+    for c in columns:
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(*[_fmt(c, r.get(c)) for c in columns])
+    Console(file=sys.stdout, width=120).print(table)
+
+
+def _fmt(column: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if column in ("macs", "params"):
+        return f"{value / 1e6:.3f}M"
+    if column in ("macs_ratio", "accuracy"):
+        return f"{100 * value:.1f}%"
+    if column == "latency_ms":
+        return f"{value:.3f}"
+    if column == "width" and isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def save_exports(em: Any, out_dir: Path, formats: Sequence[str] = ("torch", "torchscript")) -> list[Path]:
+    """Write every level's compact export into ``out_dir`` (pickled module, TorchScript, ONNX)."""
+    written = []
+    for level in em.levels:
+        module = em.export(level.index).cpu()
+        example = torch.zeros((1, *em.example_shape[1:]))
+        stem = out_dir / f"level{level.index}"
+        if "torch" in formats:
+            written.append(atomic_save(module, stem.with_suffix(".pt")))
+        if "torchscript" in formats:
+            scripted = torch.jit.trace(module, example)
+            path = stem.with_suffix(".ts")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            scripted.save(str(tmp))
+            tmp.replace(path)
+            written.append(path)
+        if "onnx" in formats:
+            path = stem.with_suffix(".onnx")
+            with warnings.catch_warnings():  # the TorchScript exporter is fast and quiet; torch marks it legacy
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.onnx.export(
+                    module, (example,), str(path), input_names=["input"], output_names=["logits"],
+                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+                )
+            written.append(path)
+    return written
+
+
+def plot_levels(rows: list[dict[str, Any]], path: Path, title: str) -> Optional[Path]:
+    """Accuracy vs MACs of the levels, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(r["macs"], r["accuracy"], r["width"]) for r in rows if r.get("accuracy") is not None]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([p[0] / 1e6 for p in pts], [100 * p[1] for p in pts], "o-")
+    for macs, acc, width in pts:
+        ax.annotate(f"{width:g}" if isinstance(width, float) else "", (macs / 1e6, 100 * acc), textcoords="offset points", xytext=(4, -10))
+    ax.set_xlabel("MACs (M, batch 1)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+

@@ -1,0 +1,106 @@
+"""Run a recipe end to end: data, model, strategy, checkpoints, exports, table, plot.
+
+The one place that turns a validated :class:`~nni_elastic.config.Recipe` into a run; the CLI
+(``nni-elastic run``), the NNI trial entry and the Optuna studies all call :func:`run_recipe`.
+
+Output directory layout::
+
+    <output>/recipe.yaml            the resolved recipe
+    <output>/checkpoints/           a checkpoint after every strategy step (for --resume)
+    <output>/elastic.pt             the final elastic model (every level)
+    <output>/exports/level{i}.pt|ts compact, physically pruned models per level
+    <output>/levels.json            the level table (width, MACs, params, accuracy, latency)
+    <output>/accuracy_vs_macs.png   the plot
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import yaml
+
+from .checkpoint import atomic_write_json, atomic_write_text
+from .config import Recipe
+from .data import load_dataset
+from .device import resolve_device
+from .elastic import ElasticModel
+from .models import create_model
+from .reporting import plot_levels, save_exports
+from .strategies import PruneAndGrow, StepInfo
+
+__all__ = ["RunResult", "build_strategy", "run_recipe"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the elastic model, the level rows, the output paths."""
+
+    elastic_model: ElasticModel
+    rows: list[dict[str, Any]]
+    output: Path
+    compute: dict[str, float]
+    records: dict[str, Any]
+
+
+def build_strategy(recipe: Recipe, *, checkpoint_dir: Optional[Path] = None, quiet: bool = False,
+                   on_step_end: Optional[Callable[[StepInfo], Any]] = None) -> PruneAndGrow:
+    """The strategy object a recipe describes."""
+    s = recipe.strategy_section()
+    t, e = recipe.train, recipe.elastic
+    return PruneAndGrow(
+        widths=e.widths, importance=e.importance, bn=e.bn, ignored_layers=e.ignored_layers, round_to=e.round_to,
+        prune_steps=s.prune_steps, pretrain_epochs=s.pretrain_epochs, finetune_epochs=s.finetune_epochs,
+        grow_epochs=s.grow_epochs, grow_mode=s.grow_mode, regrow=s.regrow, finetune_lr=s.finetune_lr, grow_lr=s.grow_lr,
+        calibrate_batches=s.calibrate_batches, lr=t.lr, batch_size=t.batch_size, optimizer=t.optimizer,
+        momentum=t.momentum, weight_decay=t.weight_decay, seed=recipe.seed, device=recipe.device, quiet=quiet,
+        checkpoint_dir=checkpoint_dir, on_step_end=on_step_end,
+    )
+
+
+def run_recipe(
+    recipe: Recipe,
+    *,
+    output: Optional[str | Path] = None,
+    resume: bool = False,
+    quiet: bool = False,
+    exports: bool = True,
+    measure_latency: bool = True,
+    on_step_end: Optional[Callable[[StepInfo], Any]] = None,
+) -> RunResult:
+    """Train what the recipe says and write checkpoint, exports, level table and plot.
+
+    Args:
+        recipe: a validated recipe (:func:`nni_elastic.config.load_recipe`).
+        output: output directory (default: ``recipe.output``).
+        resume: continue an interrupted run in the same output directory.
+        quiet: no progress bars.
+        exports: write compact exports of every level.
+        measure_latency: measure each level's latency (batch 1, current device).
+        on_step_end: called after every strategy step (e.g. NNI intermediate results).
+    """
+    out = Path(output if output is not None else recipe.output)
+    device = resolve_device(recipe.device)
+    ckpt = out / "checkpoints"
+    if resume and not (ckpt / "elastic.pt").is_file() and not (ckpt / "pretrain.pt").is_file():
+        logger.warning("--resume: no checkpoint in %s; starting from the beginning", ckpt)
+    d = recipe.data
+    splits = load_dataset(d.name, root=d.root, val_fraction=d.val_fraction, seed=d.seed, image_size=d.image_size, limit=d.limit)
+    torch.manual_seed(recipe.seed)
+    model = create_model(recipe.model.name, num_classes=splits.num_classes, in_channels=splits.in_channels, **recipe.model.kwargs)
+    atomic_write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), out / "recipe.yaml")
+    strategy = build_strategy(recipe, checkpoint_dir=ckpt, quiet=quiet, on_step_end=on_step_end)
+    em = strategy.fit(model, splits.train, splits.val, resume=resume, example_inputs=splits.example_inputs())
+    rows = strategy.measure_latency() if measure_latency else strategy.report()
+    em.save(out / "elastic.pt", recipe=recipe.to_dict(), accuracy=[r["accuracy"] for r in rows], report=rows)
+    if exports:
+        save_exports(em, out / "exports")
+    title = f"{recipe.model.name} on {d.name}: {recipe.method}"
+    atomic_write_json({"recipe": recipe.source, "method": recipe.method, "model": recipe.model.name, "dataset": d.name,
+                       "device": str(device), "compute": strategy.compute_, "levels": rows}, out / "levels.json")
+    plot_levels(rows, out / "accuracy_vs_macs.png", title)
+    return RunResult(em, rows, out, strategy.compute_, strategy.records_)

@@ -1,0 +1,369 @@
+"""Prune-and-grow (Mangal, Kalra, Sapra, arXiv 2505.11569): nested levels by pruning, then rebuilding.
+
+The thesis (its Figure 3.1, "iterative pruning and rebuilding process") compresses a trained CNN by
+structured pruning steps down to a compact core and then rebuilds it level by level, so the small
+networks are nested in the large one. Here every step works on one :class:`ElasticModel`:
+
+1. ``pretrain``: train the full network (skip with ``pretrain_epochs=0`` for a trained model).
+2. ``wrap``: trace channel groups with torch-pruning and order channels by importance.
+3. ``prune_*``: from the full width down to the smallest level, one step per target width: re-rank
+   the channels still kept (importance on the current weights, as the thesis re-scores before each
+   step), drop the least important ones (the level keeps a prefix), fine-tune the kept channels.
+   Pruned channels keep their weights untouched (the thesis stores them as "metadata" to restore).
+4. ``grow_*``: from the core upward, re-enable the next level's channels (``regrow="restore"``:
+   their stored weights; ``"reinit"``: fresh initialisation) and train them:
+   ``grow_mode="freeze"`` trains only the new channels; every smaller level stays bit-identical
+   (the thesis freezes the core; we enforce it exactly: a snapshot restore after each optimizer
+   step, since gradient masking alone lets weight decay and momentum move frozen weights).
+   ``grow_mode="joint"`` trains the new level with the smaller ones by the sandwich rule with
+   in-place distillation (Yu & Huang 2019); levels stay nested (prefixes) and share weights.
+5. ``calibrate``: recompute each level's BatchNorm statistics (one set per level) and evaluate.
+
+Deviations from the thesis, with reasons: levels live in one model and switch at runtime instead
+of being separate model objects; prune ratios are given as the target level widths (plus optional
+intermediate steps) so that every level is a pruning point; the default grow mode is ``joint``
+(better nested accuracy in our Fashion-MNIST benchmark, see benchmarks/README.md); the thesis's
+setting (frozen core, restored weights) is ``grow_mode="freeze", regrow="restore"``.
+
+Example:
+    >>> pg = PruneAndGrow(widths=(0.25, 0.5, 0.75, 1.0), importance="l1", prune_steps=4,
+    ...                   finetune_epochs=2, grow_epochs=3)
+    >>> em = pg.fit(model, train_data, val_data)
+    >>> print(pg.report())
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..device import resolve_device
+from ..elastic import ElasticModel, _check_widths
+from ..graph import GRADIENT_IMPORTANCES, IMPORTANCES
+from ..training import elastic_step, evaluate, evaluate_levels, plain_step, seed_everything, train
+from ._base import ParameterGuard, Step, StepInfo, Strategy, example_from, first_batches, train_config
+
+__all__ = ["PruneAndGrow", "GROW_MODES", "REGROW_MODES"]
+
+logger = logging.getLogger(__name__)
+
+GROW_MODES = ("freeze", "joint")
+REGROW_MODES = ("restore", "reinit")
+
+
+def _positive_int(name: str, value: Any, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+class PruneAndGrow(Strategy):
+    """Prune a CNN down to a compact core, then grow it back level by level into an ElasticModel.
+
+    Args:
+        widths: level widths in (0, 1], strictly increasing (smallest = the core).
+        importance: channel ranking (``"l1"``, ``"l2"``, ``"bn"``, ``"taylor"``, ...).
+        prune_steps: pruning steps from the full width down to the core; at least one per level
+            below the full width; extra steps insert intermediate widths in the largest gaps.
+        pretrain_epochs: epochs of training the full network first (0 for a trained model).
+        finetune_epochs: fine-tuning epochs after each pruning step.
+        grow_epochs: training epochs per rebuilt level.
+        grow_mode: ``"joint"`` (sandwich rule over the levels built so far) or ``"freeze"``
+            (only the new channels train; smaller levels stay bit-identical).
+        regrow: ``"restore"`` the pruned weights or ``"reinit"`` the re-enabled channels.
+        lr, finetune_lr, grow_lr: learning rates (pretraining, fine-tuning, growing; the latter
+            two default to ``lr / 5`` and ``lr / 2``).
+        batch_size, optimizer, momentum, weight_decay: training settings.
+        bn: ``"per_level"`` or ``"shared"`` BatchNorm statistics.
+        ignored_layers: module paths whose output channels never shrink.
+        calibrate_batches: batches for the final BatchNorm recalibration of each level (0: none).
+        seed, device, quiet: reproducibility, ``auto|cpu|cuda``, progress display.
+        checkpoint_dir: where a checkpoint is written after every step (needed for ``resume``).
+        on_step_end: called with a :class:`StepInfo` after each step (e.g. to report to NNI).
+    """
+
+    name = "prune_and_grow"
+
+    def __init__(
+        self,
+        widths: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+        *,
+        importance: Union[str, Callable] = "l1",
+        prune_steps: int = 3,
+        pretrain_epochs: int = 0,
+        finetune_epochs: int = 1,
+        grow_epochs: int = 2,
+        grow_mode: str = "joint",
+        regrow: str = "restore",
+        lr: float = 0.05,
+        finetune_lr: Optional[float] = None,
+        grow_lr: Optional[float] = None,
+        batch_size: int = 64,
+        optimizer: str = "sgd",
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        bn: str = "per_level",
+        ignored_layers: Sequence[str] = (),
+        round_to: int = 1,
+        calibrate_batches: int = 20,
+        seed: int = 0,
+        device: str = "auto",
+        quiet: bool = False,
+        checkpoint_dir: Optional[Union[str, Path]] = None,
+        on_step_end: Optional[Callable[[StepInfo], Any]] = None,
+    ) -> None:
+        super().__init__(checkpoint_dir=checkpoint_dir, quiet=quiet, on_step_end=on_step_end)
+        self.widths = _check_widths(widths)
+        if isinstance(importance, str):
+            IMPORTANCES.get(importance)  # unknown names fail here, listing the known ones
+        if grow_mode not in GROW_MODES:
+            raise ValueError(f"grow_mode={grow_mode!r} is not supported; use one of {GROW_MODES}")
+        if regrow not in REGROW_MODES:
+            raise ValueError(f"regrow={regrow!r} is not supported; use one of {REGROW_MODES}")
+        below_full = sum(1 for w in self.widths if w < 1.0)
+        self.prune_steps = _positive_int("prune_steps", prune_steps, max(1, below_full))
+        self.pretrain_epochs = _positive_int("pretrain_epochs", pretrain_epochs)
+        self.finetune_epochs = _positive_int("finetune_epochs", finetune_epochs)
+        self.grow_epochs = _positive_int("grow_epochs", grow_epochs)
+        self.calibrate_batches = _positive_int("calibrate_batches", calibrate_batches)
+        for key, value in (("lr", lr), ("finetune_lr", finetune_lr), ("grow_lr", grow_lr)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{key}={value!r} must be > 0")
+        self.importance, self.grow_mode, self.regrow = importance, grow_mode, regrow
+        self.lr = lr
+        self.finetune_lr = finetune_lr if finetune_lr is not None else lr / 5
+        self.grow_lr = grow_lr if grow_lr is not None else lr / 2
+        self.batch_size, self.optimizer, self.momentum, self.weight_decay = batch_size, optimizer, momentum, weight_decay
+        self.bn, self.ignored_layers, self.round_to = bn, list(ignored_layers), round_to
+        self.seed, self.device = seed, device
+        train_config(1, lr, batch_size, optimizer, momentum, weight_decay, seed)  # validates them now
+
+    # ------------------------------------------------------------------ plan
+    def prune_path(self) -> list[float]:
+        """Target widths of the pruning steps, largest first (level widths plus intermediate ones)."""
+        levels = sorted((w for w in self.widths if w < 1.0), reverse=True)
+        points = [1.0] + levels
+        extra = self.prune_steps - len(levels)
+        inserted: list[float] = []
+        for _ in range(extra):  # split the gap with the largest ratio at its geometric mean
+            all_points = sorted(set(points + inserted), reverse=True)
+            gaps = [(hi / lo, hi, lo) for hi, lo in zip(all_points, all_points[1:])]
+            _, hi, lo = max(gaps)
+            inserted.append(math.sqrt(hi * lo))
+        return sorted(set(levels + inserted), reverse=True)
+
+    def plan(self) -> list[Step]:
+        """The named steps ``fit`` runs, in order."""
+        steps = []
+        if self.pretrain_epochs:
+            steps.append(Step("pretrain", "pretrain"))
+        steps.append(Step("wrap", "wrap"))
+        previous: Optional[float] = None  # None: the largest level
+        for j, w in enumerate(self.prune_path()):
+            steps.append(Step(f"prune_{j + 1}_w{w:.3f}", "prune", (w, previous)))
+            previous = w
+        for i in range(1, len(self.widths)):
+            steps.append(Step(f"grow_{i}_w{self.widths[i]:.3f}", "grow", i))
+        steps.append(Step("calibrate", "calibrate"))
+        return steps
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self,
+        model: nn.Module,
+        train_data: Dataset | DataLoader,
+        val_data: Dataset | DataLoader,
+        *,
+        resume: bool = False,
+        example_inputs: Optional[torch.Tensor] = None,
+    ) -> ElasticModel:
+        """Run every step (skipping those a checkpoint records as done when ``resume``)."""
+        device = resolve_device(self.device)
+        example = example_inputs if example_inputs is not None else example_from(train_data)
+        steps = self.plan()
+        em: Optional[ElasticModel] = None
+        self.completed_, self.records_ = [], {"compute_full_epochs": 0.0, "steps": {}}
+        if resume:
+            em = self._resume(model, device)
+            self.elastic_model_ = em
+        model = model.to(device)
+        self._train_data, self._val_data, self._device = train_data, val_data, device
+        for index, step in enumerate(steps):
+            if step.name in self.completed_:
+                continue
+            seed_everything(self.seed + 1000 * index)
+            if step.kind == "pretrain":
+                info = self._pretrain(model, index)
+            elif step.kind == "wrap":
+                em = self._wrap(model, example, device, train_data)
+                info = {}
+                self.elastic_model_ = em
+            elif step.kind == "prune":
+                info = self._prune(em, *step.arg, index)
+            elif step.kind == "grow":
+                info = self._grow(em, step.arg, index)
+            else:
+                info = self._calibrate(em, train_data, val_data)
+            self.records_["steps"][step.name] = info
+            self.completed_.append(step.name)
+            self._save(em, model, step)
+            self._notify(StepInfo(step.name, index, len(steps), info.get("val_accuracy"), info))
+        self._build_report(em, val_data, device)
+        self.elastic_model_ = em
+        return em
+
+    def _resume(self, model: nn.Module, device: torch.device) -> Optional[ElasticModel]:
+        if self.checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir=<the directory of the interrupted run>")
+        path, pre = self._checkpoint_path(), self._checkpoint_path("pretrain.pt")
+        if path.is_file():
+            em = ElasticModel.load(path, model=model).to(device)
+            self._restore_state(em.metadata["strategy_state"])
+            return em
+        if pre.is_file():
+            payload = torch.load(pre, map_location="cpu", weights_only=True)
+            model.load_state_dict(payload["state_dict"])
+            self._restore_state(payload["strategy_state"])
+        return None
+
+    def _save(self, em: Optional[ElasticModel], model: nn.Module, step: Step) -> None:
+        if self.checkpoint_dir is None:
+            return
+        from ..checkpoint import atomic_save
+
+        if em is None:
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            atomic_save({"state_dict": state, "strategy_state": self._state()}, self._checkpoint_path("pretrain.pt"))
+        else:
+            em.save(self._checkpoint_path(), strategy_state=self._state(), config=self.config())
+
+    def config(self) -> dict[str, Any]:
+        """The strategy's settings as plain data (stored in checkpoints)."""
+        keys = ("widths", "prune_steps", "pretrain_epochs", "finetune_epochs", "grow_epochs", "grow_mode", "regrow",
+                "lr", "finetune_lr", "grow_lr", "batch_size", "optimizer", "momentum", "weight_decay", "bn",
+                "round_to", "calibrate_batches", "seed")
+        out = {k: getattr(self, k) for k in keys}
+        out["importance"] = self.importance if isinstance(self.importance, str) else "callable"
+        return out
+
+    # ------------------------------------------------------------------ steps
+    def _cfg(self, epochs: int, lr: float, index: int):
+        return train_config(epochs, lr, self.batch_size, self.optimizer, self.momentum, self.weight_decay, self.seed + 1000 * index)
+
+    def _pretrain(self, model: nn.Module, index: int) -> dict[str, Any]:
+        hist = train(model, self._train_data, self._val_data, self._cfg(self.pretrain_epochs, self.lr, index),
+                     device=self._device, quiet=self.quiet, desc="pretrain")
+        self.records_["pretrain_epochs_done"] = self.pretrain_epochs
+        return {"val_accuracy": hist.last.get("val_accuracy"), "full_epochs": float(self.pretrain_epochs)}
+
+    def _wrap(self, model: nn.Module, example: torch.Tensor, device: torch.device, train_data: Any) -> ElasticModel:
+        data = first_batches(train_data, self.batch_size, 4) if self.importance in GRADIENT_IMPORTANCES else None
+        em = ElasticModel(model, example.to(device), self.widths, importance=self.importance,
+                          ignored_layers=self.ignored_layers, bn=self.bn, round_to=self.round_to, data=data)
+        em = em.to(device)
+        # pretraining ran at full width before wrapping: its compute counts in full-model epochs
+        self.records_["compute_full_epochs"] += float(self.records_.get("pretrain_epochs_done", 0))
+        return em
+
+    def _level_of(self, em: ElasticModel, width: float) -> Union[int, float]:
+        for lv in em.levels_:
+            if lv.width is not None and abs(lv.width - width) < 1e-9:
+                return lv.index
+        return width
+
+    def _macs_ratio(self, em: ElasticModel, level: Union[int, float]) -> float:
+        full = em.levels[-1].macs
+        if isinstance(level, int):
+            return em.levels[level].macs / full
+        return em.count(level)[0] / full
+
+    def _prune(self, em: ElasticModel, width: float, previous: Optional[float], index: int) -> dict[str, Any]:
+        # the channels kept by the previous step (a pure function of the plan, so resume agrees)
+        prefix = em.channels_of(-1 if previous is None else self._level_of(em, previous))
+        data = first_batches(self._train_data, self.batch_size, 4) if self.importance in GRADIENT_IMPORTANCES else None
+        with em.use_level(-1):
+            em.reorder(self.importance, data=data, prefix=prefix)  # re-score the channels still kept
+        target = self._level_of(em, width)
+        em.set_level(target)
+        guard = ParameterGuard(em.model, em.parameter_masks(target))
+        hist = train(em, self._train_data, self._val_data, self._cfg(self.finetune_epochs, self.finetune_lr, index),
+                     params=guard.params, after_step=guard, device=self._device, quiet=self.quiet, desc=f"prune to {width:.2f}")
+        ratio = self._macs_ratio(em, target)
+        self.records_["compute_full_epochs"] += self.finetune_epochs * ratio
+        return {"width": width, "val_accuracy": hist.last.get("val_accuracy"), "macs_ratio": ratio}
+
+    def _grow(self, em: ElasticModel, level: int, index: int) -> dict[str, Any]:
+        em.set_level(level)
+        new = em.parameter_masks(level)
+        old = em.parameter_masks(level - 1)
+        fresh = {k: new[k] & ~old[k] for k in new}
+        if self.regrow == "reinit":
+            _reinit(em.model, fresh)
+        if self.grow_mode == "freeze":
+            trainable, step, levels = fresh, plain_step, [level]
+        else:
+            trainable, levels = new, list(range(level + 1))
+            step = lambda m, x, y: elastic_step(m, x, y, levels=levels)  # noqa: E731
+        guard = ParameterGuard(em.model, trainable)
+        hist = train(em, self._train_data, self._val_data, self._cfg(self.grow_epochs, self.grow_lr, index),
+                     step=step, params=guard.params, after_step=guard, device=self._device, quiet=self.quiet,
+                     desc=f"grow level {level}")
+        self.records_["compute_full_epochs"] += self.grow_epochs * sum(self._macs_ratio(em, i) for i in levels)
+        return {"level": level, "val_accuracy": hist.last.get("val_accuracy")}
+
+    def _calibrate(self, em: ElasticModel, train_data: Any, val_data: Any) -> dict[str, Any]:
+        if self.calibrate_batches:
+            batches = first_batches(train_data, self.batch_size, self.calibrate_batches)
+            for i in range(em.num_levels):
+                em.calibrate_bn(batches, level=i)
+        em.set_level(-1)
+        acc = evaluate_levels(em, val_data, device=self._device)
+        self.records_["level_accuracy"] = [r["accuracy"] for r in acc]
+        return {"val_accuracy": acc[-1]["accuracy"], "level_accuracy": self.records_["level_accuracy"]}
+
+    def _build_report(self, em: ElasticModel, val_data: Any, device: torch.device) -> None:
+        accuracy = self.records_.get("level_accuracy") or [r["accuracy"] for r in evaluate_levels(em, val_data, device=device)]
+        rows = em.describe()
+        for row, acc in zip(rows, accuracy):
+            row["accuracy"] = acc
+        self.report_ = rows
+        full = em.levels[-1].macs
+        self.compute_ = {
+            "full_epochs": self.records_["compute_full_epochs"],
+            "mac_samples": self.records_["compute_full_epochs"] * full * _num_samples(self._train_data),
+        }
+
+    def measure_latency(self, batch_size: int = 1) -> list[dict[str, Any]]:
+        """Add measured latency (ms, current device) to the report rows."""
+        em = self.elastic_model_
+        em.measure_levels(batch_size=batch_size)
+        for row, lv in zip(self.report_, em.levels):
+            row["latency_ms"] = lv.latency_ms
+        return self.report()
+
+
+def _num_samples(data: Any) -> int:
+    return len(data.dataset) if isinstance(data, DataLoader) else len(data)
+
+
+@torch.no_grad()
+def _reinit(model: nn.Module, fresh: dict[str, torch.Tensor]) -> None:
+    """Re-initialise the re-enabled entries (Kaiming for conv/linear weights, BN identity, zero bias)."""
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            mask = fresh.get(f"{mod_name}.{p_name}" if mod_name else p_name)
+            if mask is None or not mask.any():
+                continue
+            new = torch.empty_like(p)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                new.fill_(1.0 if p_name == "weight" else 0.0)
+            elif p_name == "weight" and p.dim() > 1:
+                nn.init.kaiming_normal_(new, mode="fan_out", nonlinearity="relu")
+            else:
+                new.zero_()
+            p.copy_(torch.where(mask, new, p))
