@@ -276,23 +276,11 @@ class ElasticModel(nn.Module):
         for name in modules:
             _slicing.make_sliced(self.model.get_submodule(name), self._state, rows)
         self._sliced_names = modules
+        for name in modules:
+            self.model.get_submodule(name)._ne_specs = [None] * (len(self.levels_) + 1)
         for level in self.levels_:
-            self._append_spec(level.channels)
-        self._append_spec(self.levels_[-1].channels)  # the slot for ad-hoc widths (``set_level(dict)``)
-
-    def _append_spec(self, channels: Mapping[str, int]) -> None:
-        keep = keep_indices(self.graph, channels)
-        for name in self._sliced_names:
-            module = self.model.get_submodule(name)
-            device = module.weight.device if module.weight is not None else module.level_running_mean.device
-            sels = []
-            for dim in ("out", "in"):
-                sel = keep.get((name, dim))
-                if sel is not None and not isinstance(sel, int):
-                    sel = sel.to(device)
-                full = self.graph.dims.get((name, dim))
-                sels.append(None if isinstance(sel, int) and sel == full else sel)
-            module._ne_specs.append(tuple(sels))
+            self._set_spec(level.index, level.channels)
+        self._set_spec(len(self.levels_), self.levels_[-1].channels)  # the slot for ad-hoc widths
 
     def _set_spec(self, slot: int, channels: Mapping[str, int]) -> None:
         with torch.inference_mode(False):  # selectors made under inference mode could not train later

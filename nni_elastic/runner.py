@@ -69,7 +69,6 @@ def run_recipe(
     resume: bool = False,
     quiet: bool = False,
     exports: bool = True,
-    measure_latency: bool = True,
     on_step_end: Optional[Callable[[StepInfo], Any]] = None,
 ) -> RunResult:
     """Train what the recipe says and write checkpoint, exports, level table and plot.
@@ -80,7 +79,6 @@ def run_recipe(
         resume: continue an interrupted run in the same output directory.
         quiet: no progress bars.
         exports: write compact exports of every level.
-        measure_latency: measure each level's latency (batch 1, current device).
         on_step_end: called after every strategy step (e.g. NNI intermediate results).
     """
     out = Path(output if output is not None else recipe.output)
@@ -95,7 +93,7 @@ def run_recipe(
     atomic_write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), out / "recipe.yaml")
     strategy = build_strategy(recipe, checkpoint_dir=ckpt, quiet=quiet, on_step_end=on_step_end)
     em = strategy.fit(model, splits.train, splits.val, resume=resume, example_inputs=splits.example_inputs())
-    rows = strategy.measure_latency() if measure_latency else strategy.report()
+    rows = strategy.report()
     em.save(out / "elastic.pt", recipe=recipe.to_dict(), accuracy=[r["accuracy"] for r in rows], report=rows)
     if exports:
         save_exports(em, out / "exports")

@@ -7,18 +7,17 @@ pruning papers do, so the net trains without LRN or careful learning rates. Max-
 """
 from __future__ import annotations
 
-import torch
-from torch import nn
+import torch  # noqa: F401  (used in the doctest)
 
 from nni_elastic.models import register_model
-from nni_elastic.models._layers import init_weights, scaled
+from nni_elastic.models.vgg import VGG
 
-# (out channels, max-pool after this conv)
-ALEXNET_CFG: tuple[tuple[int, bool], ...] = ((64, True), (192, True), (384, False), (256, False), (256, True))
+# conv output channels and "M" max-pools, in the VGG cfg format
+ALEXNET_CFG: tuple[int | str, ...] = (64, "M", 192, "M", 384, 256, 256, "M")
 
 
-class AlexNet(nn.Module):
-    """Small-image AlexNet: 5 conv-BN-ReLU layers, 3 max-pools, 2-layer classifier.
+class AlexNet(VGG):
+    """Small-image AlexNet: 5 conv-BN-ReLU layers, 3 max-pools, 2-layer classifier (a VGG-shaped net).
 
     Args:
         num_classes: classifier outputs.
@@ -40,27 +39,7 @@ class AlexNet(nn.Module):
         hidden: int = 1024,
         dropout: float = 0.5,
     ) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        channels = in_channels
-        for width, pool in ALEXNET_CFG:
-            out = scaled(width, width_multiplier)
-            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
-            if pool:
-                layers.append(nn.MaxPool2d(2, ceil_mode=True))
-            channels = out
-        hidden = scaled(hidden, width_multiplier)
-        self.num_classes = num_classes
-        self.features = nn.Sequential(*layers)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(
-            nn.Linear(channels, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
-        )
-        init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.avgpool(self.features(x))
-        return self.classifier(torch.flatten(x, 1))
+        super().__init__(ALEXNET_CFG, num_classes, in_channels, width_multiplier, hidden, dropout)
 
 
 @register_model("alexnet")

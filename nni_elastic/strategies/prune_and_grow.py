@@ -213,8 +213,9 @@ class PruneAndGrow(Strategy):
             self.completed_.append(step.name)
             self._save(em, model, step)
             self._notify(StepInfo(step.name, index, len(steps), info.get("val_accuracy"), info))
-        self._build_report(em, val_data, device)
         self.elastic_model_ = em
+        self._build_report(em, val_data, device)
+        self.measure_latency()
         return em
 
     def _resume(self, model: nn.Module, device: torch.device) -> Optional[ElasticModel]:
