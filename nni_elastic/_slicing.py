@@ -106,6 +106,16 @@ class SlicedBatchNorm(_Sliced, nn.BatchNorm2d):
 def make_sliced(module: nn.Module, state: LevelState, rows: int) -> None:
     """Swap ``module``'s class for its sliced twin (in place); BatchNorm gets ``rows`` stat rows."""
     original = type(module)
+    patched = module.__dict__.get("forward")
+    if patched is not None:
+        # some tools (NNI's wrappers after unwrap) leave an instance ``forward`` that would hide ours
+        if getattr(patched, "__func__", None) is original.forward and getattr(patched, "__self__", None) is module:
+            del module.__dict__["forward"]
+        else:
+            raise ValueError(
+                f"{original.__name__} module has a patched forward ({patched!r}); remove the patch (e.g. unwrap "
+                "the model from the compression tool) before wrapping it in an ElasticModel"
+            )
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if not module.track_running_stats or module.running_mean is None:
             raise ValueError(f"BatchNorm {module!r} without running statistics cannot hold per-level statistics")

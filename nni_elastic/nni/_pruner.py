@@ -22,6 +22,11 @@ How ``config_list`` translates:
   rejected with a ``ValueError``; ``dependency_group_id`` is accepted and needs nothing: coupled
   channels (residual sums) always share one mask here.
 
+Masks and the masked forward: like ``L1NormPruner``, the masks cover the targeted modules only.
+With ``op_types: ["Conv2d"]`` a dropped channel still gets its BatchNorm shift, so the masked
+(wrapped) forward is close to, not equal to, the level; a speedup removes those channels and gives
+the level exactly. Add ``"BatchNorm2d"`` to ``op_types`` to make the masked forward exact too.
+
 Evaluators: prune-and-grow switches levels, trains only the channels a level adds (restoring the
 others after each optimizer step) and trains several levels per batch (sandwich rule). NNI's
 ``training_func`` is the user's whole opaque loop (its own data, epochs and loss), so it cannot drive
@@ -41,7 +46,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -222,7 +227,9 @@ class PruneAndGrowPruner(Pruner):
 
         ``model`` is the bound (still wrapped) model, now holding the trained full-width weights and
         the chosen level's BatchNorm statistics; ``masks`` zero the output channels that level drops.
-        Call ``pruner.unwrap_model()`` before a speedup tool, as with NNI's own pruners.
+        Call ``pruner.unwrap_model()`` before a speedup tool, as with NNI's own pruners: then
+        :func:`~nni_elastic.nni.speedup_with_masks`, or NNI's ``ModelSpeedup`` with the workaround
+        documented there, gives a compact model equal to ``pruner.elastic_model.export(level)``.
         """
         return super().compress(max_steps, max_epochs)
 
@@ -237,6 +244,8 @@ class PruneAndGrowPruner(Pruner):
         self._load_weights(self._plain_state(em, self.level))
         self.update_masks(self.masks_of(self.level))
         self.level_scores = self._score_levels(em) if self.evaluator is not None else None
+        logger.info("prune-and-grow built %d levels (widths %s); the masks describe level %d",
+                    em.num_levels, self.strategy.widths, self.level)
 
     def _fuse_preprocess(self, evaluator: Evaluator) -> None:
         raise ValueError("PruneAndGrowPruner cannot be fused with other compressors; run it on its own")

@@ -216,7 +216,7 @@ class PruneAndGrow(Strategy):
         self.elastic_model_ = em
         self._build_report(em, val_data, device)
         self.measure_latency()
-        return em
+        return em.eval()  # ready to deploy: a train-mode forward would move a level's BatchNorm statistics
 
     def _resume(self, model: nn.Module, device: torch.device) -> Optional[ElasticModel]:
         if self.checkpoint_dir is None:

@@ -1,0 +1,148 @@
+"""The natural expansion score eta = g^T (F + lambda I)^-1 g, computed exactly (SENN eq. for eta, SECNN sec. 3).
+
+``g`` is the mean of the per-sample loss gradients over a batch of N samples and ``F`` the
+empirical Fisher over the same samples, ``F = (1/N) sum_i g_i g_i^T = G^T G / N`` (G: the N x P
+matrix of per-sample gradients). With the Woodbury identity and ``K = G G^T`` (N x N):
+
+    eta = g^T (G^T G / N + lambda I)^-1 g = (1/N) 1^T K (K + N lambda I)^-1 1
+
+so the cost is O(N P) for the gradients and O(N^3) for the solve; no P x P matrix is formed.
+
+Relation to the papers: SENN (arXiv 2307.04526) defines eta = g^T F^-1 g with a Kronecker-factored
+Fisher; SECNN (arXiv 2401.05686) uses the empirical Fisher as here. Our value carries no extra
+constant factor. The damping matters (see PAPERS.md, "a pitfall"): with N < P, eta -> 1 for
+every model as lambda -> 0. We therefore set lambda relative to the Fisher's scale,
+``lambda = damping * trace(F) / P`` (``damping_mode="relative"``, default), so that the same
+``damping`` means the same thing for any model size and stage of training; ``"absolute"`` uses
+``damping`` as lambda. To compare a model with an expanded one, score both with the same
+absolute lambda (:class:`FisherGram` does): adding parameters only adds to K, so the expanded
+score is never lower, and a ratio threshold decides whether the gain is worth it.
+
+Example:
+    >>> eta = natural_expansion_score(model, x, y, damping=1e-3)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+__all__ = ["natural_expansion_score", "per_sample_gradients", "FisherGram", "DAMPING_MODES"]
+
+DAMPING_MODES = ("relative", "absolute")
+
+
+def _check_inputs(inputs: torch.Tensor, targets: torch.Tensor, damping: float, damping_mode: str) -> None:
+    if not isinstance(inputs, torch.Tensor) or inputs.shape[0] == 0:
+        raise ValueError("inputs is an empty batch; the expansion score needs at least one sample (better: 32 or more)")
+    if targets.shape[0] != inputs.shape[0]:
+        raise ValueError(f"inputs has {inputs.shape[0]} samples but targets has {targets.shape[0]}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
+        raise ValueError(f"damping={damping!r} must be > 0 (the Fisher is singular when N < P)")
+    if damping_mode not in DAMPING_MODES:
+        raise ValueError(f"damping_mode={damping_mode!r} is not supported; use one of {DAMPING_MODES}")
+
+
+def per_sample_gradients(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    params: Optional[Sequence[str]] = None,
+    chunk_size: Optional[int] = 32,
+) -> torch.Tensor:
+    """The N x P matrix of per-sample loss gradients (torch.func vmap over grad; BatchNorm in eval mode).
+
+    Args:
+        params: names of the parameters to differentiate (default: those requiring grad).
+        chunk_size: samples per vmap chunk (bounds memory).
+    """
+    named = dict(model.named_parameters())
+    names = [n for n, p in named.items() if p.requires_grad] if params is None else list(params)
+    unknown = [n for n in names if n not in named]
+    if unknown:
+        raise ValueError(f"params {unknown} are not parameters of the model")
+    if not names:
+        raise ValueError("no parameters to score: none requires grad and params= is empty")
+    wrt = {n: named[n].detach() for n in names}
+    const = {n: p.detach() for n, p in named.items() if n not in wrt}
+    const.update(dict(model.named_buffers()))
+
+    def loss_one(p: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, ({**const, **p},), (x.unsqueeze(0),))
+        return loss_fn(out, y.unsqueeze(0))
+
+    was_training = model.training
+    model.eval()  # per-sample gradients need per-sample forwards: BatchNorm uses running statistics
+    try:
+        with torch.enable_grad():
+            grads = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk_size)(wrt, inputs, targets)
+    finally:
+        model.train(was_training)
+    n = inputs.shape[0]
+    return torch.cat([grads[name].reshape(n, -1) for name in names], dim=1)
+
+
+@dataclass
+class FisherGram:
+    """The Gram matrix K = G G^T of per-sample gradients and what the score needs from it."""
+
+    gram: torch.Tensor  # N x N, float64
+    num_params: int
+
+    @classmethod
+    def of(cls, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+           loss_fn: Callable = F.cross_entropy, params: Optional[Sequence[str]] = None) -> "FisherGram":
+        g = per_sample_gradients(model, inputs, targets, loss_fn, params).double()
+        return cls(g @ g.T, g.shape[1])
+
+    @property
+    def n(self) -> int:
+        return self.gram.shape[0]
+
+    def fisher_trace(self) -> float:
+        """trace(F) = trace(K) / N."""
+        return float(torch.trace(self.gram)) / self.n
+
+    def damping(self, damping: float, mode: str = "relative") -> float:
+        """The absolute lambda for a relative (times trace(F)/P) or absolute damping."""
+        return damping * self.fisher_trace() / self.num_params if mode == "relative" else float(damping)
+
+    def score(self, lam: float) -> float:
+        """eta = (1/N) 1^T K (K + N lambda I)^-1 1 for an absolute lambda > 0."""
+        n = self.n
+        ones = torch.ones(n, 1, dtype=self.gram.dtype, device=self.gram.device)
+        system = self.gram + n * lam * torch.eye(n, dtype=self.gram.dtype, device=self.gram.device)
+        solved = torch.linalg.solve(system, ones)
+        return float((ones.T @ self.gram @ solved).item()) / n
+
+
+def natural_expansion_score(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    damping: float = 1e-3,
+    params: Optional[Sequence[str]] = None,
+    damping_mode: str = "relative",
+) -> float:
+    """Natural expansion score eta = g^T (F + lambda I)^-1 g of ``model`` on one batch.
+
+    Args:
+        model: the network (BatchNorm is evaluated in eval mode).
+        inputs, targets: the batch (N samples).
+        loss_fn: per-batch loss (mean reduction), cross-entropy by default.
+        damping: lambda, relative to trace(F)/P by default (see ``damping_mode``).
+        params: parameter names to include (default: all that require grad).
+        damping_mode: ``"relative"`` (lambda = damping * trace(F) / P) or ``"absolute"``.
+
+    Returns:
+        eta as a float in [0, 1] (it tends to 1 as lambda -> 0 when N < P).
+    """
+    _check_inputs(inputs, targets, damping, damping_mode)
+    gram = FisherGram.of(model, inputs, targets, loss_fn, params)
+    return gram.score(gram.damping(damping, damping_mode))
