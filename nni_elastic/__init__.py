@@ -12,12 +12,14 @@ from . import data, models
 from .elastic import ElasticModel, Level
 from .graph import UnsupportedModuleError, build_channel_graph
 from .models import create_model, list_models
-from .strategies import PruneAndGrow
+from .expansion import natural_expansion_score
+from .strategies import ExpansionGrowth, PruneAndGrow
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ElasticModel",
+    "ExpansionGrowth",
     "Level",
     "PruneAndGrow",
     "UnsupportedModuleError",
@@ -26,4 +28,5 @@ __all__ = [
     "data",
     "list_models",
     "models",
+    "natural_expansion_score",
 ]

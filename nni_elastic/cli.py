@@ -79,8 +79,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print_table(result.rows, f"{recipe.model.name} on {recipe.data.name}: {recipe.method} levels "
                     f"(validation accuracy, latency on {resolve_device(recipe.device)})")
-        print(f"training compute: {result.compute['full_epochs']:.2f} full-model epochs")
-        print(f"output: {result.output} (elastic.pt, exports/, levels.json, accuracy_vs_macs.png)")
+        if "full_epochs" in result.compute:
+            print(f"training compute: {result.compute['full_epochs']:.2f} full-model epochs")
+        print(f"output: {result.output} (checkpoints/, levels.json, accuracy_vs_macs.png"
+              f"{', elastic.pt' if result.elastic_model is not None else ''}{', exports/' if recipe.method == 'prune_and_grow' else ''})")
     return 0
 
 

@@ -26,13 +26,14 @@ __all__ = [
     "ElasticSection",
     "TrainSection",
     "PruneAndGrowSection",
+    "ExpansionGrowthSection",
     "Recipe",
     "load_recipe",
     "recipe_from_dict",
     "apply_overrides",
 ]
 
-METHODS = ("prune_and_grow",)
+METHODS = ("prune_and_grow", "expansion_growth")
 
 
 class RecipeError(ValueError):
@@ -89,6 +90,23 @@ class PruneAndGrowSection:
 
 
 @dataclass
+class ExpansionGrowthSection:
+    """Thresholds of expansion-score growth (see :class:`nni_elastic.strategies.ExpansionGrowth`)."""
+
+    epochs: int = 10
+    threshold: float = 0.03
+    check_every: int = 100
+    warmup_steps: Optional[int] = None
+    max_params: Optional[int] = None
+    max_macs: Optional[int] = None
+    damping: float = 1.0
+    size_penalty: float = 0.0
+    score_batch: int = 64
+    candidates: list = field(default_factory=lambda: ["depth", "width"])
+    width_fraction: float = 0.25
+
+
+@dataclass
 class Recipe:
     method: str = "prune_and_grow"
     model: ModelSection = field(default_factory=ModelSection)
@@ -101,7 +119,7 @@ class Recipe:
     seed: int = 0
     source: Optional[str] = None
 
-    def strategy_section(self) -> PruneAndGrowSection:
+    def strategy_section(self) -> Union[PruneAndGrowSection, ExpansionGrowthSection]:
         return _build(STRATEGY_SECTIONS[self.method], self.strategy, "strategy")
 
     def to_dict(self) -> dict:
@@ -110,7 +128,7 @@ class Recipe:
         return out
 
 
-STRATEGY_SECTIONS = {"prune_and_grow": PruneAndGrowSection}
+STRATEGY_SECTIONS = {"prune_and_grow": PruneAndGrowSection, "expansion_growth": ExpansionGrowthSection}
 
 _CHOICES = {
     "method": METHODS,
@@ -122,11 +140,12 @@ _CHOICES = {
 }
 _POSITIVE = {
     "data.val_fraction", "train.lr", "train.batch_size", "strategy.prune_steps", "data.image_size", "data.limit",
-    "strategy.finetune_lr", "strategy.grow_lr", "elastic.round_to",
+    "strategy.finetune_lr", "strategy.grow_lr", "elastic.round_to", "strategy.check_every", "strategy.score_batch",
+    "strategy.max_params", "strategy.max_macs", "strategy.damping", "strategy.width_fraction",
 }
 _NON_NEGATIVE = {
     "strategy.pretrain_epochs", "strategy.finetune_epochs", "strategy.grow_epochs", "strategy.calibrate_batches",
-    "train.weight_decay",
+    "train.weight_decay", "strategy.epochs", "strategy.threshold", "strategy.size_penalty", "strategy.warmup_steps",
     "train.momentum", "seed", "data.seed",
 }
 

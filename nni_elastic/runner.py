@@ -29,7 +29,7 @@ from .device import resolve_device
 from .elastic import ElasticModel
 from .models import create_model
 from .reporting import plot_levels, save_exports
-from .strategies import PruneAndGrow, StepInfo
+from .strategies import ExpansionGrowth, PruneAndGrow, StepInfo
 
 __all__ = ["RunResult", "build_strategy", "run_recipe"]
 
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 class RunResult:
     """What a run produced: the elastic model, the level rows, the output paths."""
 
-    elastic_model: ElasticModel
+    elastic_model: Optional[ElasticModel]
     rows: list[dict[str, Any]]
     output: Path
     compute: dict[str, float]
@@ -48,10 +48,18 @@ class RunResult:
 
 
 def build_strategy(recipe: Recipe, *, checkpoint_dir: Optional[Path] = None, quiet: bool = False,
-                   on_step_end: Optional[Callable[[StepInfo], Any]] = None) -> PruneAndGrow:
+                   on_step_end: Optional[Callable[[StepInfo], Any]] = None) -> PruneAndGrow | ExpansionGrowth:
     """The strategy object a recipe describes."""
     s = recipe.strategy_section()
     t, e = recipe.train, recipe.elastic
+    if recipe.method == "expansion_growth":
+        return ExpansionGrowth(
+            threshold=s.threshold, check_every=s.check_every, warmup_steps=s.warmup_steps, max_params=s.max_params,
+            max_macs=s.max_macs, damping=s.damping, size_penalty=s.size_penalty, score_batch=s.score_batch,
+            candidates=tuple(s.candidates), width_fraction=s.width_fraction, epochs=s.epochs, lr=t.lr,
+            batch_size=t.batch_size, optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
+            seed=recipe.seed, device=recipe.device, quiet=quiet, checkpoint_dir=checkpoint_dir, on_step_end=on_step_end,
+        )
     return PruneAndGrow(
         widths=e.widths, importance=e.importance, bn=e.bn, ignored_layers=e.ignored_layers, round_to=e.round_to,
         prune_steps=s.prune_steps, pretrain_epochs=s.pretrain_epochs, finetune_epochs=s.finetune_epochs,
@@ -92,13 +100,31 @@ def run_recipe(
     model = create_model(recipe.model.name, num_classes=splits.num_classes, in_channels=splits.in_channels, **recipe.model.kwargs)
     atomic_write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), out / "recipe.yaml")
     strategy = build_strategy(recipe, checkpoint_dir=ckpt, quiet=quiet, on_step_end=on_step_end)
+    title = f"{recipe.model.name} on {d.name}: {recipe.method}"
+    if isinstance(strategy, ExpansionGrowth):
+        return _finish_growth(recipe, strategy, model, splits, out, resume, device, title)
     em = strategy.fit(model, splits.train, splits.val, resume=resume, example_inputs=splits.example_inputs())
     rows = strategy.report()
     em.save(out / "elastic.pt", recipe=recipe.to_dict(), accuracy=[r["accuracy"] for r in rows], report=rows)
     if exports:
         save_exports(em, out / "exports")
-    title = f"{recipe.model.name} on {d.name}: {recipe.method}"
     atomic_write_json({"recipe": recipe.source, "method": recipe.method, "model": recipe.model.name, "dataset": d.name,
                        "device": str(device), "compute": strategy.compute_, "levels": rows}, out / "levels.json")
     plot_levels(rows, out / "accuracy_vs_macs.png", title)
     return RunResult(em, rows, out, strategy.compute_, strategy.records_)
+
+
+def _finish_growth(recipe: Recipe, strategy: ExpansionGrowth, model: torch.nn.Module, splits: Any, out: Path,
+                   resume: bool, device: torch.device, title: str) -> RunResult:
+    """Expansion growth: one checkpoint per complexity level (in ``checkpoints/``), table and plot."""
+    result = strategy.fit(model, splits.train, splits.val, resume=resume, example_inputs=splits.example_inputs())
+    rows = [dict(r, width=None) for r in strategy.report()]
+    em = None
+    if result.widths_only and result.expansions:
+        em = result.elastic_model(splits.example_inputs().to(device))
+        em.save(out / "elastic.pt", recipe=recipe.to_dict(), growth=rows)
+    atomic_write_json({"recipe": recipe.source, "method": recipe.method, "model": recipe.model.name,
+                       "dataset": recipe.data.name, "device": str(device), "checkpoints": rows,
+                       "expansions": result.expansions, "checks": strategy.checks_}, out / "levels.json")
+    plot_levels(rows, out / "accuracy_vs_macs.png", title)
+    return RunResult(em, rows, out, {}, {"expansions": result.expansions, "checks": strategy.checks_})

@@ -26,7 +26,10 @@ from tqdm.auto import tqdm
 
 from .device import resolve_device
 
-__all__ = ["TrainConfig", "History", "train", "evaluate", "evaluate_levels", "elastic_step", "plain_step", "seed_everything"]
+__all__ = [
+    "TrainConfig", "History", "train", "evaluate", "evaluate_levels", "elastic_step", "plain_step",
+    "seed_everything", "make_optimizer", "make_scheduler",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +128,14 @@ def _loader(data: Dataset | DataLoader, batch_size: int, shuffle: bool, seed: in
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator if shuffle else None)
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay to zero over ``cfg.epochs`` epochs (per step), or a constant rate."""
+    steps = max(1, cfg.epochs * max(1, steps_per_epoch))
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256, device: str | torch.device = "auto") -> dict[str, float]:
     """Mean cross-entropy and accuracy of ``model`` (in eval mode) on ``data``."""
@@ -168,9 +179,15 @@ def train(
     desc: str = "train",
     on_epoch_end: Optional[Callable[[int, dict[str, float]], Any]] = None,
     evaluate_fn: Optional[Callable[[nn.Module, Any], dict[str, float]]] = None,
-    after_step: Optional[Callable[[], Any]] = None,
+    after_step: Optional[Callable[[torch.optim.Optimizer, int], Any]] = None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+    start_epoch: int = 0,
 ) -> History:
     """Train ``model`` for ``cfg.epochs`` epochs; evaluate on ``val_data`` after each.
+
+    Each epoch shuffles with a generator seeded by ``cfg.seed + epoch``, so a run resumed at an
+    epoch boundary sees the same batches as an uninterrupted one.
 
     Args:
         model: the network (moved to ``device``).
@@ -184,37 +201,44 @@ def train(
         desc: progress bar label.
         on_epoch_end: called with ``(epoch, record)``; may raise to stop.
         evaluate_fn: replaces :func:`evaluate` for validation (e.g. the smallest level too).
-        after_step: called after every optimizer step (e.g. to restore frozen weights).
+        after_step: called with ``(optimizer, global_step)`` after every optimizer step (e.g. to
+            restore frozen weights, or to grow the model and update the optimizer in place).
+        optimizer, scheduler: use these instead of new ones (e.g. when resuming).
+        start_epoch: first epoch to run (earlier ones are taken as done).
     """
     cfg = cfg or TrainConfig()
     device = resolve_device(device)
     model.to(device)
-    seed_everything(cfg.seed)
-    loader = _loader(train_data, cfg.batch_size, True, cfg.seed)
+    seed_everything(cfg.seed + start_epoch)
+    generator = torch.Generator()
+    loader = train_data if isinstance(train_data, DataLoader) else DataLoader(
+        train_data, batch_size=cfg.batch_size, shuffle=True, generator=generator)
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     history = History()
     if cfg.epochs == 0 or not params:
         return history
-    opt = make_optimizer(params, cfg)
-    steps = cfg.epochs * max(1, len(loader))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, (lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))) if cfg.schedule == "cosine" else (lambda s: 1.0)
-    )
-    for epoch in range(cfg.epochs):
+    opt = optimizer if optimizer is not None else make_optimizer(params, cfg)
+    sched = scheduler if scheduler is not None else make_scheduler(opt, cfg, len(loader))
+    global_step = start_epoch * len(loader)
+    for epoch in range(start_epoch, cfg.epochs):
+        generator.manual_seed(cfg.seed + epoch)
         model.train()
         loss_sum, batches = 0.0, 0
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=quiet, leave=False, dynamic_ncols=True)
+        # disable=None: no bar when stderr is not a terminal (logs of NNI trials and CI stay readable)
+        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=True if quiet else None, leave=False,
+                   dynamic_ncols=True, mininterval=0.5)
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             loss = step(model, x, y)
             opt.step()
+            global_step += 1
             if after_step is not None:
-                after_step()
+                after_step(opt, global_step)
             sched.step()
             loss_sum += float(loss)
             batches += 1
-            bar.set_postfix(loss=f"{loss_sum / batches:.4f}")
+            bar.set_postfix(loss=f"{loss_sum / batches:.4f}", refresh=False)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, batches), "lr": sched.get_last_lr()[0]}
         if val_data is not None:
             metrics = evaluate_fn(model, val_data) if evaluate_fn else evaluate(model, val_data, device=device)

@@ -11,15 +11,20 @@ so the cost is O(N P) for the gradients and O(N^3) for the solve; no P x P matri
 Relation to the papers: SENN (arXiv 2307.04526) defines eta = g^T F^-1 g with a Kronecker-factored
 Fisher; SECNN (arXiv 2401.05686) uses the empirical Fisher as here. Our value carries no extra
 constant factor. The damping matters (see PAPERS.md, "a pitfall"): with N < P, eta -> 1 for
-every model as lambda -> 0. We therefore set lambda relative to the Fisher's scale,
-``lambda = damping * trace(F) / P`` (``damping_mode="relative"``, default), so that the same
-``damping`` means the same thing for any model size and stage of training; ``"absolute"`` uses
-``damping`` as lambda. To compare a model with an expanded one, score both with the same
-absolute lambda (:class:`FisherGram` does): adding parameters only adds to K, so the expanded
-score is never lower, and a ratio threshold decides whether the gain is worth it.
+every model as lambda -> 0. K has at most N non-zero eigenvalues mu_i and
+eta = (1/N) sum_i (1^T u_i)^2 mu_i / (mu_i + N lambda): only gradient directions whose
+eigenvalue exceeds N lambda count. We therefore set lambda relative to the mean non-zero
+eigenvalue of the Fisher, ``lambda = damping * trace(F) / N`` (``damping_mode="relative"``,
+default): ``damping=0.1`` counts the directions carrying more than a tenth of the average
+gradient energy, whatever the model size (a scale of trace(F)/P, the mean over all P
+eigenvalues, would be ~P/N times too small for CNNs and give eta ~ 1 always). ``"absolute"``
+uses ``damping`` as lambda. To compare a model with an expanded one, score both with the same
+absolute lambda (:class:`FisherGram` does): adding parameters only adds to K, and
+K -> K (K + c I)^-1 is operator-monotone, so the expanded score is never lower; a ratio
+threshold decides whether the gain is worth it.
 
 Example:
-    >>> eta = natural_expansion_score(model, x, y, damping=1e-3)
+    >>> eta = natural_expansion_score(model, x, y, damping=0.1)
 """
 from __future__ import annotations
 
@@ -109,8 +114,8 @@ class FisherGram:
         return float(torch.trace(self.gram)) / self.n
 
     def damping(self, damping: float, mode: str = "relative") -> float:
-        """The absolute lambda for a relative (times trace(F)/P) or absolute damping."""
-        return damping * self.fisher_trace() / self.num_params if mode == "relative" else float(damping)
+        """The absolute lambda for a relative (times trace(F)/N) or absolute damping."""
+        return damping * self.fisher_trace() / self.n if mode == "relative" else float(damping)
 
     def score(self, lam: float) -> float:
         """eta = (1/N) 1^T K (K + N lambda I)^-1 1 for an absolute lambda > 0."""
@@ -126,7 +131,7 @@ def natural_expansion_score(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-    damping: float = 1e-3,
+    damping: float = 0.1,
     params: Optional[Sequence[str]] = None,
     damping_mode: str = "relative",
 ) -> float:
@@ -136,9 +141,9 @@ def natural_expansion_score(
         model: the network (BatchNorm is evaluated in eval mode).
         inputs, targets: the batch (N samples).
         loss_fn: per-batch loss (mean reduction), cross-entropy by default.
-        damping: lambda, relative to trace(F)/P by default (see ``damping_mode``).
+        damping: lambda, relative to trace(F)/N by default (see ``damping_mode``).
         params: parameter names to include (default: all that require grad).
-        damping_mode: ``"relative"`` (lambda = damping * trace(F) / P) or ``"absolute"``.
+        damping_mode: ``"relative"`` (lambda = damping * trace(F) / N) or ``"absolute"``.
 
     Returns:
         eta as a float in [0, 1] (it tends to 1 as lambda -> 0 when N < P).

@@ -65,7 +65,7 @@ class ParameterGuard:
             self.items.append((p, mask, p.detach().clone()))
 
     @torch.no_grad()
-    def __call__(self) -> None:
+    def __call__(self, *_: Any) -> None:
         for p, mask, saved in self.items:
             p.copy_(torch.where(mask, p, saved))
 

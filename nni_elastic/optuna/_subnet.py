@@ -1,0 +1,414 @@
+"""Search per-stage widths of a trained ElasticModel on its shared weights: seconds per trial, no training.
+
+A trial picks one width per *stage* (``search_spaces/subnet_search.json``), activates that ad-hoc
+level (``em.set_level({group: width})``), recomputes its BatchNorm statistics on a few training
+batches (the same batches every trial) and evaluates it on the validation split. Its cost is
+counted on the compact export (MACs/params with torch-pruning; latency, when asked, measured on
+the export on this device) and cached per channel configuration; accuracy is cached too, so a
+repeated proposal costs nothing.
+
+Stages: a search-space key names a module path; a channel group belongs to the stage whose key
+equals its root module's path or is a dotted prefix of it (the longest such key wins). For the
+zoo's ResNets the keys are the top-level modules ``conv1`` (the stem, which also sets the first
+stage's residual stream), ``layer1``, ``layer2``, ``layer3``; for VGG/AlexNet ``features`` and
+``classifier``, or finer keys such as ``features.0``. Groups of no stage keep their full width;
+a key that matches no group is an error listing the model's stages.
+
+Budgets: ``max_macs`` (a fraction of the full network's MACs if <= 1, else absolute MACs) and
+``max_latency_ms``. They are Optuna constraints (``trial.set_constraint`` on Optuna >= 5, else the
+samplers' ``constraints_func``; the values ``[macs / cap - 1, latency / cap - 1]`` are also in
+``trial.user_attrs["constraint"]``, feasible when <= 0), so the samplers steer towards feasible
+configurations. An infeasible configuration is not evaluated (accuracy recorded as 0) and never
+enters the returned front.
+
+Example:
+    >>> result = search_subnets("runs/best/elastic.pt", data="digits", max_macs=0.5, n_trials=200, export_dir="runs/subnet")
+    >>> result.best        # {"widths": {"conv1": 0.75, ...}, "macs": ..., "accuracy": ..., ...}
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import optuna
+import torch
+import torch_pruning as tp
+
+from ..checkpoint import atomic_save, atomic_write_json
+from ..data import load_dataset, make_loader
+from ..device import resolve_device
+from ..elastic import ElasticModel
+from ..training import evaluate
+from ._space import SpaceLike, find_search_space, load_search_space, suggest
+from ._storage import open_storage
+from ._study import create_or_load_study, make_sampler, optuna_verbosity, parse_objectives, save_plots
+
+__all__ = ["SubnetSearchResult", "search_subnets", "stage_groups", "stage_level", "model_stages", "subnet_constraints"]
+
+logger = logging.getLogger(__name__)
+
+SUBNET_SPACE = "subnet_search.json"
+
+
+# ---------------------------------------------------------------------- stages
+def model_stages(em: ElasticModel) -> list[str]:
+    """Top-level modules of the groups' roots, in model order (``["conv1", "layer1", ...]``)."""
+    seen: list[str] = []
+    for name in em.graph.names:
+        top = name.split(".", 1)[0]
+        if top not in seen:
+            seen.append(top)
+    order = [n for n, _ in em.model.named_children()]
+    return sorted(seen, key=lambda s: order.index(s) if s in order else len(order))
+
+
+def _stage_of(group: str, stages: Iterable[str]) -> Optional[str]:
+    best = None
+    for s in stages:
+        if (group == s or group.startswith(s + ".")) and (best is None or len(s) > len(best)):
+            best = s
+    return best
+
+
+def stage_groups(em: ElasticModel, stages: Iterable[str]) -> dict[str, list[str]]:
+    """``{stage: [group, ...]}``: each channel group under the longest stage key prefixing its root path."""
+    stages = list(stages)
+    out: dict[str, list[str]] = {s: [] for s in stages}
+    for group in em.graph.names:
+        s = _stage_of(group, stages)
+        if s is not None:
+            out[s].append(group)
+    empty = [s for s, groups in out.items() if not groups]
+    if empty:
+        raise ValueError(f"stage(s) {empty} match no channel group of this model; its stages (top-level modules "
+                         f"of the groups' roots) are {model_stages(em)}, its groups {em.graph.names}")
+    return out
+
+
+def stage_level(em: ElasticModel, widths: Mapping[str, float]) -> dict[str, float]:
+    """Per-stage widths -> the ``{group: width}`` level for ``em.set_level`` (other groups stay full)."""
+    level = {}
+    for stage, groups in stage_groups(em, widths).items():
+        w = widths[stage]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w <= 1:
+            raise ValueError(f"stage {stage!r}: width {w!r} must be a fraction in (0, 1]")
+        level.update({g: float(w) for g in groups})
+    return level
+
+
+def subnet_constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """``constraints_func`` for samplers on Optuna < 5: the values a search stored (<= 0: feasible)."""
+    return list(trial.user_attrs.get("constraint", [0.0]))
+
+
+# ---------------------------------------------------------------------- result
+@dataclass
+class SubnetSearchResult:
+    """What :func:`search_subnets` found.
+
+    Attributes:
+        front: feasible configurations not dominated in (accuracy max, MACs min), by MACs;
+            each ``{"trial", "widths", "channels", "macs", "macs_ratio", "params", "accuracy",
+            "latency_ms"}``.
+        best: the most accurate feasible configuration (fewest MACs among ties), or None.
+        study: the Optuna study (every trial, user attributes and constraints).
+        uniform: the uniform-width configurations evaluated (every stage at one width), for reference.
+        full_macs, full_params: the full network's counts.
+        trial_seconds: mean wall time of an evaluated (not cached, feasible) trial.
+        exported: files written to ``export_dir``; plots: PNG plots written.
+        elastic_model: the model, left at ``best`` with its BatchNorm statistics recalibrated.
+    """
+
+    front: list[dict[str, Any]]
+    best: Optional[dict[str, Any]]
+    study: optuna.Study
+    uniform: list[dict[str, Any]]
+    full_macs: int
+    full_params: int
+    trial_seconds: Optional[float]
+    elastic_model: ElasticModel
+    exported: list[Path] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------- evaluation
+class _Evaluator:
+    """Costs and accuracy of per-group levels on one ElasticModel, cached per channel configuration."""
+
+    def __init__(self, em: ElasticModel, calib: list, val: Any, device: torch.device, latency: bool,
+                 latency_batch_size: int, latency_repeats: int) -> None:
+        self.em, self.calib, self.val, self.device = em, calib, val, device
+        self.latency, self.latency_batch_size, self.latency_repeats = latency, latency_batch_size, latency_repeats
+        self.costs: dict[tuple, dict[str, Any]] = {}
+        self.accuracy: dict[tuple, float] = {}
+        self.seconds: list[float] = []
+
+    def key(self, level: Mapping[str, float]) -> tuple:
+        return tuple(sorted(self.em.channels_of(dict(level)).items()))
+
+    def cost(self, level: Mapping[str, float]) -> dict[str, Any]:
+        k = self.key(level)
+        if k not in self.costs:
+            exported = self.em.export(dict(level))
+            example = torch.zeros((1, *self.em.example_shape[1:]), device=self.device)
+            macs, params = tp.utils.count_ops_and_params(exported, example)
+            entry = {"macs": int(macs), "params": int(params), "latency_ms": None}
+            if self.latency:
+                entry["latency_ms"] = _latency_ms(exported, self.em.example_shape, self.device,
+                                                  self.latency_batch_size, self.latency_repeats)
+            self.costs[k] = entry
+        return self.costs[k]
+
+    def activate(self, level: Mapping[str, float]) -> None:
+        """Switch to the level and recompute its BatchNorm statistics on the calibration batches."""
+        self.em.set_level(dict(level))
+        self.em.calibrate_bn(self.calib)
+
+    def evaluate(self, level: Mapping[str, float]) -> float:
+        k = self.key(level)
+        if k not in self.accuracy:
+            start = time.perf_counter()
+            self.activate(level)
+            self.accuracy[k] = evaluate(self.em, self.val, device=self.device)["accuracy"]
+            self.seconds.append(time.perf_counter() - start)
+        return self.accuracy[k]
+
+
+@torch.inference_mode()
+def _latency_ms(net: torch.nn.Module, shape: Sequence[int], device: torch.device, batch: int, repeats: int) -> float:
+    x = torch.zeros((batch, *shape[1:]), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        net(x)
+    times = []
+    for _ in range(max(1, repeats)):
+        sync()
+        start = time.perf_counter()
+        net(x)
+        sync()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def _data_settings(em: ElasticModel, data: Optional[str], data_root: Optional[str]) -> tuple[str, dict[str, Any], int]:
+    """Dataset name and split settings: those the checkpoint was trained with (so the validation
+    split is the held-out one), unless another dataset is named."""
+    meta = getattr(em, "metadata", None) or {}
+    recipe = meta.get("recipe") or {}
+    rec_data = recipe.get("data") or {}
+    name = data or rec_data.get("name") or meta.get("dataset") or "digits"
+    kwargs: dict[str, Any] = {"root": data_root}
+    if rec_data.get("name") == name:
+        kwargs.update(val_fraction=rec_data.get("val_fraction", 0.2), seed=rec_data.get("seed", 0),
+                      image_size=rec_data.get("image_size"))
+        if data_root is None:
+            kwargs["root"] = rec_data.get("root")
+    batch_size = int((recipe.get("train") or {}).get("batch_size", 64))
+    return name, kwargs, batch_size
+
+
+def _budget(value: Optional[float], full: float, name: str) -> float:
+    if value is None:
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name}={value!r} must be a positive number")
+    return value * full if value <= 1 else float(value)
+
+
+def _pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows not dominated in (accuracy max, MACs min), one per configuration, by MACs."""
+    unique: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        unique.setdefault(tuple(sorted(r["channels"].items())), r)
+    rows = list(unique.values())
+    front = [r for r in rows if not any(
+        o["accuracy"] >= r["accuracy"] and o["macs"] <= r["macs"] and (o["accuracy"] > r["accuracy"] or o["macs"] < r["macs"])
+        for o in rows)]
+    return sorted(front, key=lambda r: (r["macs"], -r["accuracy"]))
+
+
+def _row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    a = t.user_attrs
+    return {"trial": t.number, "widths": a["widths"], "channels": a["channels"], "macs": a["macs"],
+            "macs_ratio": a["macs_ratio"], "params": a["params"], "accuracy": a["accuracy"], "latency_ms": a.get("latency_ms")}
+
+
+def _export(em: ElasticModel, best: dict[str, Any], out_dir: Path) -> list[Path]:
+    module = em.export().cpu()  # the active level: best, with its recalibrated BatchNorm statistics
+    example = torch.zeros((1, *em.example_shape[1:]))
+    written = [atomic_save(module, out_dir / "subnet.pt")]
+    scripted = torch.jit.trace(module, example)
+    path = out_dir / "subnet.ts"
+    tmp = path.with_name(path.name + ".tmp")
+    scripted.save(str(tmp))
+    tmp.replace(path)
+    written.append(path)
+    written.append(atomic_write_json(best, out_dir / "subnet.json"))
+    return written
+
+
+# ---------------------------------------------------------------------- search
+def search_subnets(
+    checkpoint: Union[str, os.PathLike, ElasticModel],
+    data: Optional[str] = None,
+    *,
+    data_root: Optional[str] = None,
+    search_space: Optional[SpaceLike] = None,
+    max_macs: Optional[float] = None,
+    max_latency_ms: Optional[float] = None,
+    n_trials: Optional[int] = 200,
+    objectives: Union[str, Sequence[str]] = ("accuracy", "macs"),
+    storage: Union[str, os.PathLike, "optuna.storages.BaseStorage", None] = None,
+    study_name: Optional[str] = None,
+    load_if_exists: bool = True,
+    sampler: Union[str, "optuna.samplers.BaseSampler", None] = None,
+    seed: Optional[int] = 0,
+    calibrate_batches: int = 10,
+    batch_size: Optional[int] = None,
+    val_limit: Optional[int] = None,
+    latency_batch_size: int = 1,
+    latency_repeats: int = 20,
+    enqueue_uniform: bool = True,
+    device: str = "auto",
+    export_dir: Union[str, os.PathLike, None] = None,
+    plot_dir: Union[str, os.PathLike, None] = None,
+    timeout: Optional[float] = None,
+    quiet: bool = False,
+) -> SubnetSearchResult:
+    """Find per-stage widths of a trained elastic model that are accurate within a MACs/latency budget.
+
+    Args:
+        checkpoint: an ``elastic.pt`` (or a loaded ElasticModel).
+        data: dataset name; default: the one the checkpoint was trained on (else ``digits``),
+            split exactly as in training so that validation data stays held out.
+        data_root: dataset directory (default: the checkpoint recipe's).
+        search_space: NNI search space of per-stage width choices (default
+            ``search_spaces/subnet_search.json``; see the module docstring for stages).
+        max_macs: budget, a fraction of the full MACs if <= 1, else absolute MACs.
+        max_latency_ms: budget on the export's latency measured on this device.
+        n_trials: trials to run (seconds each on a CPU for the zoo's small models).
+        objectives: from ``accuracy``, ``macs``, ``params``, ``latency`` (default accuracy vs MACs).
+        storage: None (in memory, default), or any storage :func:`tune` accepts.
+        study_name, load_if_exists: name and resume behaviour of a stored study.
+        sampler, seed: ``tpe``, ``nsga2``, ``random`` or an Optuna sampler (default: TPE for one
+            objective, NSGA-II for several), seeded.
+        calibrate_batches, batch_size: BatchNorm recalibration on that many training batches
+            (batch size default: the recipe's).
+        val_limit: evaluate on the first ``val_limit`` validation samples only (large datasets).
+        latency_batch_size, latency_repeats: latency measurement settings.
+        enqueue_uniform: evaluate the uniform configurations (every stage at one width) first.
+        device: ``auto``, ``cpu``, ``cuda``.
+        export_dir: write the best subnet there: ``subnet.pt`` (pickled module), ``subnet.ts``
+            (TorchScript), ``subnet.json`` (its widths, channels, MACs, accuracy), plus plots.
+        plot_dir: where PNG plots go (default: ``export_dir``; none without either).
+        timeout: stop after this many seconds.
+        quiet: no progress bar, nothing printed.
+    """
+    objectives = parse_objectives(objectives)
+    dev = resolve_device(device)
+    em = checkpoint if isinstance(checkpoint, ElasticModel) else ElasticModel.load(checkpoint)
+    em = em.to(dev).eval()
+    space_src = search_space if search_space is not None else find_search_space(SUBNET_SPACE, near=Path.cwd())
+    space = load_search_space(space_src)
+    stage_groups(em, space)  # every key must be a stage of this model
+    for key, spec in space.items():
+        values = spec["_value"] if spec["_type"] == "choice" else spec["_value"][:2]
+        if spec["_type"] == "randint" or any(isinstance(v, (bool, str)) or not 0 < v <= 1 for v in values):
+            raise ValueError(f"search space {key!r}: {spec} must give widths, fractions in (0, 1]")
+    name, data_kwargs, recipe_batch = _data_settings(em, data, data_root)
+    splits = load_dataset(name, **data_kwargs)
+    bs = batch_size or recipe_batch
+    loader = make_loader(splits.train, bs, shuffle=True, seed=seed or 0)
+    calib = []
+    for x, _ in loader:
+        if len(calib) >= calibrate_batches:
+            break
+        calib.append(x.to(dev))
+    val = splits.val if val_limit is None else torch.utils.data.Subset(splits.val, range(min(val_limit, len(splits.val))))
+    need_latency = max_latency_ms is not None or "latency" in objectives
+    ev = _Evaluator(em, calib, val, dev, need_latency, latency_batch_size, latency_repeats)
+
+    full = ev.cost({g: 1.0 for g in em.graph.names})
+    macs_cap = _budget(max_macs, full["macs"], "max_macs")
+    if max_latency_ms is not None and (isinstance(max_latency_ms, bool) or not isinstance(max_latency_ms, (int, float))
+                                       or not max_latency_ms > 0):
+        raise ValueError(f"max_latency_ms={max_latency_ms!r} must be a positive number of milliseconds")
+    lat_cap = float(max_latency_ms) if max_latency_ms is not None else math.inf
+    smallest = stage_level(em, {k: min(s["_value"]) if s["_type"] == "choice" else s["_value"][0] for k, s in space.items()})
+    low = ev.cost(smallest)
+    if low["macs"] > macs_cap:
+        raise ValueError(f"max_macs={max_macs}: no configuration of the search space fits; the smallest has "
+                         f"{low['macs']} MACs ({low['macs'] / full['macs']:.1%} of {full['macs']}), the budget is {macs_cap:.0f}")
+
+    use_set_constraint = hasattr(optuna.trial.Trial, "set_constraint")
+    sampler_obj = make_sampler(sampler, len(objectives), seed=seed, n_trials=n_trials)
+    if not use_set_constraint and sampler is None:  # Optuna < 5: constraints reach the samplers through constraints_func
+        cls = optuna.samplers.TPESampler if len(objectives) == 1 else optuna.samplers.NSGAIISampler
+        sampler_obj = cls(seed=seed, constraints_func=subnet_constraints)
+    study_name = study_name or f"subnet_search_{Path(os.fspath(checkpoint)).parent.name if not isinstance(checkpoint, ElasticModel) else 'model'}"
+    opened = open_storage(storage)
+    study = create_or_load_study(storage=opened, storage_text=storage, study_name=study_name, objectives=objectives,
+                                 sampler=sampler_obj, pruner=optuna.pruners.NopPruner(), load_if_exists=load_if_exists,
+                                 attrs={"checkpoint": str(checkpoint) if not isinstance(checkpoint, ElasticModel) else None,
+                                        "max_macs": max_macs, "max_latency_ms": max_latency_ms, "data": name})
+    if enqueue_uniform and not study.trials:
+        shared = set.intersection(*[set(s["_value"]) for s in space.values() if s["_type"] == "choice"]) \
+            if all(s["_type"] == "choice" for s in space.values()) else set()
+        for w in sorted(shared):
+            study.enqueue_trial({k: w for k in space}, skip_if_exists=True)
+
+    def objective(trial: optuna.Trial) -> Union[float, tuple[float, ...]]:
+        widths = suggest(trial, space)
+        level = stage_level(em, widths)
+        cost = ev.cost(level)
+        constraint = [cost["macs"] / macs_cap - 1.0 if math.isfinite(macs_cap) else -1.0]
+        if max_latency_ms is not None:
+            constraint.append(cost["latency_ms"] / lat_cap - 1.0)
+        feasible = all(c <= 0 for c in constraint)
+        accuracy = ev.evaluate(level) if feasible else 0.0  # infeasible: not evaluated, penalised
+        attrs = {"widths": widths, "channels": em.channels_of(level), "macs": cost["macs"],
+                 "macs_ratio": cost["macs"] / full["macs"], "params": cost["params"],
+                 "params_ratio": cost["params"] / full["params"], "latency_ms": cost["latency_ms"],
+                 "accuracy": accuracy, "feasible": feasible, "constraint": constraint}
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        if use_set_constraint:
+            trial.set_constraint("macs", constraint[0])
+            if max_latency_ms is not None:
+                trial.set_constraint("latency", constraint[1])
+        value = {"accuracy": accuracy, "macs": attrs["macs_ratio"], "params": attrs["params_ratio"],
+                 "latency": cost["latency_ms"]}
+        values = tuple(float(value[o]) for o in objectives)
+        return values[0] if len(values) == 1 else values
+
+    with optuna_verbosity(optuna.logging.WARNING):
+        study.optimize(objective, n_trials=n_trials, timeout=timeout, show_progress_bar=not quiet)
+
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    feasible = [_row(t) for t in done if t.user_attrs.get("feasible")]
+    front = _pareto(feasible)
+    best = max(feasible, key=lambda r: (r["accuracy"], -r["macs"]), default=None)
+    uniform = sorted((_row(t) for t in done if len(set(t.user_attrs.get("widths", {}).values())) == 1),
+                     key=lambda r: r["macs"])
+    uniform = list({tuple(r["widths"].items()): r for r in uniform}.values())
+    result = SubnetSearchResult(front, best, study, uniform, full["macs"], full["params"],
+                                statistics.fmean(ev.seconds) if ev.seconds else None, em)
+    if best is None:
+        logger.warning("no configuration within the budget among %d trials", len(done))
+    else:
+        ev.activate(stage_level(em, best["widths"]))
+    if export_dir is not None and best is not None:
+        result.exported = _export(em, best, Path(export_dir))
+    out_plots = plot_dir if plot_dir is not None else export_dir
+    if out_plots is not None:
+        result.plots = save_plots(study, Path(out_plots) / "plots", objectives)
+    if not quiet:
+        for p in result.exported + result.plots:
+            print(f"wrote: {p}")
+    return result
