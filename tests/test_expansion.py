@@ -212,3 +212,20 @@ def test_cli_runs_the_expansion_recipe(tmp_path):
     table = json.loads((out / "levels.json").read_text())
     assert len(table["checkpoints"]) == len(table["expansions"]) + 1
     assert (out / "accuracy_vs_macs.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["resnet20", "growable_cnn"])
+def test_candidate_scores_from_the_new_entries_equal_a_full_recomputation(name, batch):
+    from nni_elastic.strategies.expansion_growth import _expanded_gram
+
+    torch.manual_seed(0)
+    model = ne.create_model(name, in_channels=1)
+    x, y = batch[0][:32], batch[1][:32]
+    eg = ne.ExpansionGrowth(quiet=True)
+    eg._example, eg._device = torch.zeros(1, 1, 8, 8), torch.device("cpu")
+    current = FisherGram.of(model, x, y)
+    for _, apply in eg._candidates(model)[:4]:
+        trial = copy.deepcopy(model)
+        changes = apply(trial)
+        fast = _expanded_gram(trial, changes, current, x, y).score(1.0)
+        assert fast == pytest.approx(FisherGram.of(trial, x, y).score(1.0), rel=1e-6)

@@ -112,6 +112,9 @@ def create_or_load_study(
     if stored is None:
         for key, value in {"objectives": list(objectives), **attrs}.items():
             study.set_user_attr(key, value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(objectives))  # shown by optuna-dashboard and the plots
     return study
 
 

@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..checkpoint import atomic_save
 from ..device import resolve_device
 from ..expansion.ops import add_block, update_optimizer, widen_group
-from ..expansion.score import FisherGram, _check_inputs
+from ..expansion.score import FisherGram, _check_inputs, per_sample_gradients
 from ..graph import build_channel_graph
 from ..training import evaluate, make_optimizer, make_scheduler, seed_everything, train
 from ._base import StepInfo, Strategy, example_from, train_config
@@ -135,6 +135,21 @@ def _module_bytes(model: nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.save(copy.deepcopy(model).cpu(), buffer)
     return buffer.getvalue()
+
+
+def _expanded_gram(trial: nn.Module, changes: list, current: FisherGram, x: torch.Tensor, y: torch.Tensor) -> FisherGram:
+    """The Gram matrix of an expanded model from the current one plus the new entries' gradients."""
+    names = {id(p): n for n, p in trial.named_parameters()}
+    grown = [c for c in changes if id(c.new) in names]
+    masks = []
+    for c in grown:
+        mask = torch.ones_like(c.new, dtype=torch.bool) if c.old is None else torch.zeros_like(c.new, dtype=torch.bool)
+        if c.old is not None:
+            mask.narrow(c.dim, c.index, c.count).fill_(True)
+        masks.append(mask.flatten())
+    g = per_sample_gradients(trial, x, y, params=[names[id(c.new)] for c in grown])
+    g_new = g[:, torch.cat(masks)].double()
+    return FisherGram(current.gram + g_new @ g_new.T, current.num_params + int(g_new.shape[1]))
 
 
 def _num_params(model: nn.Module) -> int:
@@ -238,23 +253,29 @@ class ExpansionGrowth(Strategy):
         return out
 
     def check(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
-        """Score the current model and every candidate on one batch; return the decision record."""
+        """Score the current model and every candidate on one batch; return the decision record.
+
+        Every expansion preserves the function, so the per-sample gradients of the old parameters
+        are the same in the expanded model: its Gram matrix is the current one plus the Gram of the
+        new entries only, K_c = K + G_new G_new^T. Only the grown tensors are differentiated.
+        """
         _check_inputs(x, y, self.damping, "absolute")
         lam = self.damping
-        eta = FisherGram.of(model, x, y).score(lam)
+        current = FisherGram.of(model, x, y)
+        eta = current.score(lam)
         params, best = _num_params(model), None
         scores = {}
         for name, apply in self._candidates(model):
             trial = copy.deepcopy(model)
             rng = torch.get_rng_state()
-            apply(trial)
+            changes = apply(trial)
             torch.set_rng_state(rng)
             added = _num_params(trial) - params
             if self.max_params is not None and params + added > self.max_params:
                 continue
             if self.max_macs is not None and self._macs(trial) > self.max_macs:
                 continue
-            eta_c = FisherGram.of(trial, x, y).score(lam)
+            eta_c = _expanded_gram(trial, changes, current, x, y).score(lam)
             gain = eta_c - eta - self.size_penalty * added / params
             scores[name] = {"eta": eta_c, "gain": gain, "ratio": eta_c / max(eta, 1e-12), "added_params": added}
             if best is None or gain > scores[best]["gain"]:
