@@ -1,4 +1,4 @@
-"""Command line: ``nni-elastic train | levels | export``.
+"""Command line: ``nni-elastic run | train | levels | export | tune | search``.
 
 ``train`` is the main job: it trains an elastic model on a dataset (digits by default, no files
 needed), prints the level table (width, MACs, params, latency, accuracy), and writes the elastic
@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["levels"].add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.choices["export"].add_argument("--out", required=True)
     sub.choices["export"].add_argument("--formats", default="torch,torchscript", help="torch, torchscript, onnx")
+
+    from .optuna.cli import add_parser as add_optuna_commands  # light: Optuna loads only when tune/search runs
+
+    add_optuna_commands(sub, [common])
     return parser
 
 

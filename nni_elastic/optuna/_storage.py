@@ -7,7 +7,8 @@ Accepted forms:
   writes; several worker processes on one file wait for each other up to a busy timeout (60 s
   here unless the URL sets ``?timeout=``) instead of failing with "database is locked".
 - any SQLAlchemy URL of a server, e.g. ``postgresql://user:pw@host/db`` (driver: ``pip install
-  psycopg2-binary``) or ``mysql+pymysql://...``: many workers on many machines.
+  'psycopg[binary]'`` or ``psycopg2-binary``; a bare ``postgresql://`` uses whichever is
+  installed) or ``mysql+pymysql://...``: many workers on many machines.
 - a journal file: ``journal:///runs/study.log`` (same slash rule as SQLite) or a plain path ending
   in ``.log``/``.journal``: Optuna's ``JournalStorage`` on a ``JournalFileBackend``: an
   append-only log with file locks, the recommended storage for several processes on one machine.
@@ -36,7 +37,7 @@ __all__ = ["open_storage", "default_storage", "storage_label", "dashboard_comman
 JOURNAL_SUFFIXES = (".log", ".journal")
 SQLITE_TIMEOUT_S = 60
 _DRIVERS = {
-    "postgresql": "pip install psycopg2-binary (or nni-elastic[postgres])",
+    "postgresql": "pip install 'psycopg[binary]' (or nni-elastic[postgres]), or psycopg2-binary",
     "mysql": "pip install PyMySQL and use mysql+pymysql://...",
 }
 
@@ -97,6 +98,20 @@ def _unreachable(storage: str, exc: BaseException) -> ValueError:
     )
 
 
+def _with_postgres_driver(url: Any) -> str:
+    """A bare ``postgresql://`` URL with a driver that is installed: SQLAlchemy 2.1 defaults to
+    psycopg 3, 2.0 to psycopg2; either works once named (``postgresql+psycopg://``)."""
+    text = url.render_as_string(hide_password=False)
+    if url.drivername != "postgresql":
+        return text
+    import importlib.util
+
+    for driver in ("psycopg", "psycopg2"):
+        if importlib.util.find_spec(driver) is not None:
+            return url.set(drivername=f"postgresql+{driver}").render_as_string(hide_password=False)
+    return text  # SQLAlchemy reports the missing driver
+
+
 def open_storage(
     storage: Union[str, os.PathLike, "optuna.storages.BaseStorage", None],
     *,
@@ -121,7 +136,10 @@ def open_storage(
         return storage
     text = os.fspath(storage)
     if _is_journal(text):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
+        try:
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+        except ImportError:  # Optuna < 4.0
+            from optuna.storages import JournalFileStorage as JournalFileBackend, JournalStorage
 
         path = _journal_path(text)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,13 +154,19 @@ def open_storage(
         url = make_url(text)
     except Exception as exc:
         raise _unreachable(text, exc) from exc
+    given = text
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise _unreachable(given, exc) from exc
         if "timeout" not in url.query:
             engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
-    elif url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
-        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    elif url.get_backend_name() == "postgresql":
+        if "connect_timeout" not in url.query:
+            engine_kwargs["connect_args"] = {"connect_timeout": 10}
+        text = _with_postgres_driver(url)
     kwargs: dict[str, Any] = {}
     if heartbeat_interval is not None:
         kwargs = {"heartbeat_interval": int(heartbeat_interval),
@@ -152,7 +176,7 @@ def open_storage(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(text, engine_kwargs=engine_kwargs, **kwargs)
     except Exception as exc:  # OperationalError, missing driver, unknown dialect: all mean "cannot open"
-        raise _unreachable(text, exc) from exc
+        raise _unreachable(given, exc) from exc
 
 
 def fail_running_trials(study: "optuna.Study") -> list[int]:

@@ -95,9 +95,12 @@ def create_or_load_study(
     pruner: optuna.pruners.BasePruner,
     load_if_exists: bool,
     attrs: Mapping[str, Any],
+    match: Sequence[str] = (),
 ) -> optuna.Study:
     """Create the study (or load it when ``load_if_exists``), checking that an existing one was
-    made for the same objectives; ``attrs`` are stored as study user attributes on creation."""
+    made for the same objectives and the same ``attrs[k]`` for every ``k`` in ``match`` (results
+    of different settings must not mix in one front); ``attrs`` are stored as study user
+    attributes on creation."""
     try:
         study = optuna.create_study(storage=storage, study_name=study_name, directions=directions(objectives),
                                     sampler=sampler, pruner=pruner, load_if_exists=load_if_exists)
@@ -109,6 +112,10 @@ def create_or_load_study(
     if (stored is not None and list(stored) != list(objectives)) or wanted != directions(objectives):
         raise ValueError(f"study {study_name!r} in {storage_label(storage_text)} was created for objectives "
                          f"{stored or wanted}, not {list(objectives)}; use another study name")
+    for key in match:
+        if stored is not None and key in study.user_attrs and study.user_attrs[key] != attrs[key]:
+            raise ValueError(f"study {study_name!r} in {storage_label(storage_text)} was run with {key}="
+                             f"{study.user_attrs[key]!r}, not {attrs[key]!r}; use another study name")
     if stored is None:
         for key, value in {"objectives": list(objectives), **attrs}.items():
             study.set_user_attr(key, value)

@@ -7,6 +7,12 @@ counted on the compact export (MACs/params with torch-pruning; latency, when ask
 the export on this device) and cached per channel configuration; accuracy is cached too, so a
 repeated proposal costs nothing.
 
+Shipped spaces: ``subnet_search.json`` (the default: ResNet stages at the widths the digits and
+Fashion-MNIST recipes train, 0.25/0.5/0.75/1.0), ``subnet_search_thesis.json`` (ResNet stages at
+the thesis's CIFAR-10/Imagenette widths 0.512/0.64/0.8/1.0) and ``subnet_search_vgg16.json``
+(one key per VGG-16 conv layer, thesis widths). Widths between the trained levels work (channels
+are ordered by importance) but lose accuracy, so the choices follow the trained levels.
+
 Stages: a search-space key names a module path; a channel group belongs to the stage whose key
 equals its root module's path or is a dotted prefix of it (the longest such key wins). For the
 zoo's ResNets the keys are the top-level modules ``conv1`` (the stem, which also sets the first
@@ -32,6 +38,7 @@ import math
 import os
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
@@ -44,6 +51,7 @@ from ..checkpoint import atomic_save, atomic_write_json
 from ..data import load_dataset, make_loader
 from ..device import resolve_device
 from ..elastic import ElasticModel
+from ..subnet import model_stages, stage_groups, stage_level
 from ..training import evaluate
 from ._space import SpaceLike, find_search_space, load_search_space, suggest
 from ._storage import open_storage
@@ -54,52 +62,6 @@ __all__ = ["SubnetSearchResult", "search_subnets", "stage_groups", "stage_level"
 logger = logging.getLogger(__name__)
 
 SUBNET_SPACE = "subnet_search.json"
-
-
-# ---------------------------------------------------------------------- stages
-def model_stages(em: ElasticModel) -> list[str]:
-    """Top-level modules of the groups' roots, in model order (``["conv1", "layer1", ...]``)."""
-    seen: list[str] = []
-    for name in em.graph.names:
-        top = name.split(".", 1)[0]
-        if top not in seen:
-            seen.append(top)
-    order = [n for n, _ in em.model.named_children()]
-    return sorted(seen, key=lambda s: order.index(s) if s in order else len(order))
-
-
-def _stage_of(group: str, stages: Iterable[str]) -> Optional[str]:
-    best = None
-    for s in stages:
-        if (group == s or group.startswith(s + ".")) and (best is None or len(s) > len(best)):
-            best = s
-    return best
-
-
-def stage_groups(em: ElasticModel, stages: Iterable[str]) -> dict[str, list[str]]:
-    """``{stage: [group, ...]}``: each channel group under the longest stage key prefixing its root path."""
-    stages = list(stages)
-    out: dict[str, list[str]] = {s: [] for s in stages}
-    for group in em.graph.names:
-        s = _stage_of(group, stages)
-        if s is not None:
-            out[s].append(group)
-    empty = [s for s, groups in out.items() if not groups]
-    if empty:
-        raise ValueError(f"stage(s) {empty} match no channel group of this model; its stages (top-level modules "
-                         f"of the groups' roots) are {model_stages(em)}, its groups {em.graph.names}")
-    return out
-
-
-def stage_level(em: ElasticModel, widths: Mapping[str, float]) -> dict[str, float]:
-    """Per-stage widths -> the ``{group: width}`` level for ``em.set_level`` (other groups stay full)."""
-    level = {}
-    for stage, groups in stage_groups(em, widths).items():
-        w = widths[stage]
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w <= 1:
-            raise ValueError(f"stage {stage!r}: width {w!r} must be a fraction in (0, 1]")
-        level.update({g: float(w) for g in groups})
-    return level
 
 
 def subnet_constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
@@ -118,9 +80,10 @@ class SubnetSearchResult:
             "latency_ms"}``.
         best: the most accurate feasible configuration (fewest MACs among ties), or None.
         study: the Optuna study (every trial, user attributes and constraints).
-        uniform: the uniform-width configurations evaluated (every stage at one width), for reference.
+        uniform: the feasible uniform-width configurations (every stage at one width), for reference.
         full_macs, full_params: the full network's counts.
-        trial_seconds: mean wall time of an evaluated (not cached, feasible) trial.
+        trial_seconds: mean wall time of a trial that computed something new (cost and, when
+            feasible, accuracy; repeated configurations come from the caches at no cost).
         exported: files written to ``export_dir``; plots: PNG plots written.
         elastic_model: the model, left at ``best`` with its BatchNorm statistics recalibrated.
     """
@@ -147,7 +110,6 @@ class _Evaluator:
         self.latency, self.latency_batch_size, self.latency_repeats = latency, latency_batch_size, latency_repeats
         self.costs: dict[tuple, dict[str, Any]] = {}
         self.accuracy: dict[tuple, float] = {}
-        self.seconds: list[float] = []
 
     def key(self, level: Mapping[str, float]) -> tuple:
         return tuple(sorted(self.em.channels_of(dict(level)).items()))
@@ -173,10 +135,8 @@ class _Evaluator:
     def evaluate(self, level: Mapping[str, float]) -> float:
         k = self.key(level)
         if k not in self.accuracy:
-            start = time.perf_counter()
             self.activate(level)
             self.accuracy[k] = evaluate(self.em, self.val, device=self.device)["accuracy"]
-            self.seconds.append(time.perf_counter() - start)
         return self.accuracy[k]
 
 
@@ -243,7 +203,9 @@ def _export(em: ElasticModel, best: dict[str, Any], out_dir: Path) -> list[Path]
     module = em.export().cpu()  # the active level: best, with its recalibrated BatchNorm statistics
     example = torch.zeros((1, *em.example_shape[1:]))
     written = [atomic_save(module, out_dir / "subnet.pt")]
-    scripted = torch.jit.trace(module, example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 marks TorchScript deprecated; still the portable format
+        scripted = torch.jit.trace(module, example)
     path = out_dir / "subnet.ts"
     tmp = path.with_name(path.name + ".tmp")
     scripted.save(str(tmp))
@@ -251,6 +213,97 @@ def _export(em: ElasticModel, best: dict[str, Any], out_dir: Path) -> list[Path]
     written.append(path)
     written.append(atomic_write_json(best, out_dir / "subnet.json"))
     return written
+
+
+_SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")  # Optuna >= 5
+
+
+class _SubnetObjective:
+    """One trial: sample stage widths, count the cost, evaluate when within budget (else penalise)."""
+
+    def __init__(self, ev: "_Evaluator", space: dict, objectives: Sequence[str], full: dict, macs_cap: float,
+                 latency_cap: float) -> None:
+        self.ev, self.space, self.objectives, self.full = ev, space, tuple(objectives), full
+        self.macs_cap, self.latency_cap = macs_cap, latency_cap
+        self.seconds: list[float] = []  # wall time of trials that computed something new
+
+    def __call__(self, trial: optuna.Trial) -> Union[float, tuple[float, ...]]:
+        ev, full = self.ev, self.full
+        start, known = time.perf_counter(), len(ev.costs) + len(ev.accuracy)
+        widths = suggest(trial, self.space)
+        level = stage_level(ev.em, widths)
+        cost = ev.cost(level)
+        constraint = [cost["macs"] / self.macs_cap - 1.0 if math.isfinite(self.macs_cap) else -1.0]
+        if math.isfinite(self.latency_cap):
+            constraint.append(cost["latency_ms"] / self.latency_cap - 1.0)
+        feasible = all(c <= 0 for c in constraint)
+        accuracy = ev.evaluate(level) if feasible else 0.0  # infeasible: not evaluated, penalised
+        attrs = {"widths": widths, "channels": ev.em.channels_of(level), "macs": cost["macs"],
+                 "macs_ratio": cost["macs"] / full["macs"], "params": cost["params"],
+                 "params_ratio": cost["params"] / full["params"], "latency_ms": cost["latency_ms"],
+                 "accuracy": accuracy, "feasible": feasible, "constraint": constraint}
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        if _SET_CONSTRAINT:
+            for key, value in zip(("macs", "latency"), constraint):
+                trial.set_constraint(key, value)
+        value = {"accuracy": accuracy, "macs": attrs["macs_ratio"], "params": attrs["params_ratio"],
+                 "latency": cost["latency_ms"]}
+        if len(ev.costs) + len(ev.accuracy) > known:
+            self.seconds.append(time.perf_counter() - start)
+        values = tuple(float(value[o]) for o in self.objectives)
+        return values[0] if len(values) == 1 else values
+
+
+def _width_space(em: ElasticModel, source: SpaceLike) -> dict[str, dict[str, Any]]:
+    """Load a per-stage width space and check it against the model (stages exist, values are widths)."""
+    space = load_search_space(source)
+    stage_groups(em, space)
+    for key, spec in space.items():
+        values = spec["_value"] if spec["_type"] == "choice" else spec["_value"][:2]
+        if spec["_type"] == "randint" or any(isinstance(v, (bool, str)) or not 0 < v <= 1 for v in values):
+            raise ValueError(f"search space {key!r}: {spec} must give widths, fractions in (0, 1]")
+    return space
+
+
+def _shared_choices(space: Mapping[str, Mapping[str, Any]]) -> list[float]:
+    """Widths every stage can take (the uniform configurations), when every key is a choice."""
+    if not all(s["_type"] == "choice" for s in space.values()):
+        return []
+    return sorted(set.intersection(*[set(s["_value"]) for s in space.values()]))
+
+
+def _search_data(em: ElasticModel, data: Optional[str], data_root: Optional[str], seed: int, calibrate_batches: int,
+                 batch_size: Optional[int], val_limit: Optional[int], device: torch.device) -> tuple[str, list, Any]:
+    """Dataset name, the calibration batches (the same for every trial) and the validation data."""
+    name, data_kwargs, recipe_batch = _data_settings(em, data, data_root)
+    splits = load_dataset(name, **data_kwargs)
+    calib = []
+    for x, _ in make_loader(splits.train, batch_size or recipe_batch, shuffle=True, seed=seed):
+        if len(calib) >= calibrate_batches:
+            break
+        calib.append(x.to(device))
+    val = splits.val
+    if val_limit is not None:
+        val = torch.utils.data.Subset(val, range(min(val_limit, len(val))))
+    return name, calib, val
+
+
+def _latency_budget(value: Optional[float]) -> float:
+    if value is None:
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"max_latency_ms={value!r} must be a positive number of milliseconds")
+    return float(value)
+
+
+def _collect(study: optuna.Study, em: ElasticModel, full: dict, seconds: list[float]) -> SubnetSearchResult:
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    feasible = [_row(t) for t in done if t.user_attrs.get("feasible")]
+    best = max(feasible, key=lambda r: (r["accuracy"], -r["macs"]), default=None)
+    uniform = {tuple(r["widths"].items()): r for r in feasible if len(set(r["widths"].values())) == 1}
+    return SubnetSearchResult(_pareto(feasible), best, study, sorted(uniform.values(), key=lambda r: r["macs"]),
+                              full["macs"], full["params"], statistics.fmean(seconds) if seconds else None, em)
 
 
 # ---------------------------------------------------------------------- search
@@ -314,97 +367,44 @@ def search_subnets(
     dev = resolve_device(device)
     em = checkpoint if isinstance(checkpoint, ElasticModel) else ElasticModel.load(checkpoint)
     em = em.to(dev).eval()
-    space_src = search_space if search_space is not None else find_search_space(SUBNET_SPACE, near=Path.cwd())
-    space = load_search_space(space_src)
-    stage_groups(em, space)  # every key must be a stage of this model
-    for key, spec in space.items():
-        values = spec["_value"] if spec["_type"] == "choice" else spec["_value"][:2]
-        if spec["_type"] == "randint" or any(isinstance(v, (bool, str)) or not 0 < v <= 1 for v in values):
-            raise ValueError(f"search space {key!r}: {spec} must give widths, fractions in (0, 1]")
-    name, data_kwargs, recipe_batch = _data_settings(em, data, data_root)
-    splits = load_dataset(name, **data_kwargs)
-    bs = batch_size or recipe_batch
-    loader = make_loader(splits.train, bs, shuffle=True, seed=seed or 0)
-    calib = []
-    for x, _ in loader:
-        if len(calib) >= calibrate_batches:
-            break
-        calib.append(x.to(dev))
-    val = splits.val if val_limit is None else torch.utils.data.Subset(splits.val, range(min(val_limit, len(splits.val))))
-    need_latency = max_latency_ms is not None or "latency" in objectives
-    ev = _Evaluator(em, calib, val, dev, need_latency, latency_batch_size, latency_repeats)
-
+    near = Path.cwd() if isinstance(checkpoint, ElasticModel) else Path(checkpoint).parent
+    space = _width_space(em, search_space if search_space is not None else find_search_space(SUBNET_SPACE, near=near))
+    name, calib, val = _search_data(em, data, data_root, seed or 0, calibrate_batches, batch_size, val_limit, dev)
+    ev = _Evaluator(em, calib, val, dev, max_latency_ms is not None or "latency" in objectives, latency_batch_size,
+                    latency_repeats)
     full = ev.cost({g: 1.0 for g in em.graph.names})
-    macs_cap = _budget(max_macs, full["macs"], "max_macs")
-    if max_latency_ms is not None and (isinstance(max_latency_ms, bool) or not isinstance(max_latency_ms, (int, float))
-                                       or not max_latency_ms > 0):
-        raise ValueError(f"max_latency_ms={max_latency_ms!r} must be a positive number of milliseconds")
-    lat_cap = float(max_latency_ms) if max_latency_ms is not None else math.inf
-    smallest = stage_level(em, {k: min(s["_value"]) if s["_type"] == "choice" else s["_value"][0] for k, s in space.items()})
-    low = ev.cost(smallest)
-    if low["macs"] > macs_cap:
+    objective = _SubnetObjective(ev, space, objectives, full, _budget(max_macs, full["macs"], "max_macs"),
+                                 _latency_budget(max_latency_ms))
+    smallest = ev.cost(stage_level(em, {k: min(s["_value"]) if s["_type"] == "choice" else s["_value"][0]
+                                        for k, s in space.items()}))
+    if smallest["macs"] > objective.macs_cap:
         raise ValueError(f"max_macs={max_macs}: no configuration of the search space fits; the smallest has "
-                         f"{low['macs']} MACs ({low['macs'] / full['macs']:.1%} of {full['macs']}), the budget is {macs_cap:.0f}")
+                         f"{smallest['macs']} MACs ({smallest['macs'] / full['macs']:.1%} of {full['macs']}), "
+                         f"the budget is {objective.macs_cap:.0f}")
 
-    use_set_constraint = hasattr(optuna.trial.Trial, "set_constraint")
     sampler_obj = make_sampler(sampler, len(objectives), seed=seed, n_trials=n_trials)
-    if not use_set_constraint and sampler is None:  # Optuna < 5: constraints reach the samplers through constraints_func
+    if not _SET_CONSTRAINT and sampler is None:  # Optuna < 5: constraints reach the samplers through constraints_func
         cls = optuna.samplers.TPESampler if len(objectives) == 1 else optuna.samplers.NSGAIISampler
         sampler_obj = cls(seed=seed, constraints_func=subnet_constraints)
-    study_name = study_name or f"subnet_search_{Path(os.fspath(checkpoint)).parent.name if not isinstance(checkpoint, ElasticModel) else 'model'}"
-    opened = open_storage(storage)
-    study = create_or_load_study(storage=opened, storage_text=storage, study_name=study_name, objectives=objectives,
-                                 sampler=sampler_obj, pruner=optuna.pruners.NopPruner(), load_if_exists=load_if_exists,
-                                 attrs={"checkpoint": str(checkpoint) if not isinstance(checkpoint, ElasticModel) else None,
-                                        "max_macs": max_macs, "max_latency_ms": max_latency_ms, "data": name})
-    if enqueue_uniform and not study.trials:
-        shared = set.intersection(*[set(s["_value"]) for s in space.values() if s["_type"] == "choice"]) \
-            if all(s["_type"] == "choice" for s in space.values()) else set()
-        for w in sorted(shared):
-            study.enqueue_trial({k: w for k in space}, skip_if_exists=True)
-
-    def objective(trial: optuna.Trial) -> Union[float, tuple[float, ...]]:
-        widths = suggest(trial, space)
-        level = stage_level(em, widths)
-        cost = ev.cost(level)
-        constraint = [cost["macs"] / macs_cap - 1.0 if math.isfinite(macs_cap) else -1.0]
-        if max_latency_ms is not None:
-            constraint.append(cost["latency_ms"] / lat_cap - 1.0)
-        feasible = all(c <= 0 for c in constraint)
-        accuracy = ev.evaluate(level) if feasible else 0.0  # infeasible: not evaluated, penalised
-        attrs = {"widths": widths, "channels": em.channels_of(level), "macs": cost["macs"],
-                 "macs_ratio": cost["macs"] / full["macs"], "params": cost["params"],
-                 "params_ratio": cost["params"] / full["params"], "latency_ms": cost["latency_ms"],
-                 "accuracy": accuracy, "feasible": feasible, "constraint": constraint}
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        if use_set_constraint:
-            trial.set_constraint("macs", constraint[0])
-            if max_latency_ms is not None:
-                trial.set_constraint("latency", constraint[1])
-        value = {"accuracy": accuracy, "macs": attrs["macs_ratio"], "params": attrs["params_ratio"],
-                 "latency": cost["latency_ms"]}
-        values = tuple(float(value[o]) for o in objectives)
-        return values[0] if len(values) == 1 else values
-
+    source = None if isinstance(checkpoint, ElasticModel) else str(Path(checkpoint).resolve())
+    default_name = "subnet_search" if source is None else f"subnet_search_{Path(source).parent.name}"
     with optuna_verbosity(optuna.logging.WARNING):
+        study = create_or_load_study(
+            storage=open_storage(storage), storage_text=storage, study_name=study_name or default_name,
+            objectives=objectives, sampler=sampler_obj, pruner=optuna.pruners.NopPruner(), load_if_exists=load_if_exists,
+            attrs={"checkpoint": source, "max_macs": max_macs, "max_latency_ms": max_latency_ms, "data": name, "space": space},
+            match=("checkpoint", "max_macs", "max_latency_ms", "data", "space"))
+        if enqueue_uniform and not study.trials:
+            for w in _shared_choices(space):
+                study.enqueue_trial({k: w for k in space}, skip_if_exists=True)
         study.optimize(objective, n_trials=n_trials, timeout=timeout, show_progress_bar=not quiet)
-
-    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    feasible = [_row(t) for t in done if t.user_attrs.get("feasible")]
-    front = _pareto(feasible)
-    best = max(feasible, key=lambda r: (r["accuracy"], -r["macs"]), default=None)
-    uniform = sorted((_row(t) for t in done if len(set(t.user_attrs.get("widths", {}).values())) == 1),
-                     key=lambda r: r["macs"])
-    uniform = list({tuple(r["widths"].items()): r for r in uniform}.values())
-    result = SubnetSearchResult(front, best, study, uniform, full["macs"], full["params"],
-                                statistics.fmean(ev.seconds) if ev.seconds else None, em)
-    if best is None:
-        logger.warning("no configuration within the budget among %d trials", len(done))
+    result = _collect(study, em, full, objective.seconds)
+    if result.best is None:
+        logger.warning("no configuration within the budget among %d trials", len(study.trials))
     else:
-        ev.activate(stage_level(em, best["widths"]))
-    if export_dir is not None and best is not None:
-        result.exported = _export(em, best, Path(export_dir))
+        ev.activate(stage_level(em, result.best["widths"]))
+        if export_dir is not None:
+            result.exported = _export(em, result.best, Path(export_dir))
     out_plots = plot_dir if plot_dir is not None else export_dir
     if out_plots is not None:
         result.plots = save_plots(study, Path(out_plots) / "plots", objectives)

@@ -283,6 +283,8 @@ def tune(
         raise ValueError(f"n_trials={n_trials!r} must be a positive integer")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r} must be a positive integer")
+    if workers > 1 and n_trials is None:
+        raise ValueError("workers > 1 needs n_trials (each worker runs its share)")
     overrides = dict(overrides or {})
     base = _load(recipe, overrides)
     source = Path(recipe) if not isinstance(recipe, Recipe) else (Path(recipe.source) if recipe.source else None)
@@ -306,13 +308,16 @@ def tune(
     sampler_obj = make_sampler(sampler, len(objectives), seed=seed, n_trials=n_trials)
     pruner_obj = make_pruner(pruner, objectives)
     opened = open_storage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
-    attrs = {"recipe": str(source) if source else None, "search_space": str(search_space) if not isinstance(search_space, Mapping) else "inline",
-             "metric": metric, "overrides": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in overrides.items()}}
-    study = create_or_load_study(storage=opened, storage_text=storage, study_name=study_name, objectives=objectives,
-                                 sampler=sampler_obj, pruner=pruner_obj, load_if_exists=load_if_exists, attrs=attrs)
-    if study.user_attrs.get("metric", metric) != metric:
-        raise ValueError(f"study {study_name!r} summarises levels with metric={study.user_attrs['metric']!r}, "
-                         f"not {metric!r}; use another study name")
+    attrs = {"recipe": str(source.resolve()) if source else None, "metric": metric,
+             "search_space": str(search_space) if not isinstance(search_space, Mapping) else "inline",
+             "overrides": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in overrides.items()}}
+    with optuna_verbosity(optuna.logging.WARNING) if quiet else contextlib.nullcontext():
+        study = create_or_load_study(storage=opened, storage_text=storage, study_name=study_name, objectives=objectives,
+                                     sampler=sampler_obj, pruner=pruner_obj, load_if_exists=load_if_exists, attrs=attrs,
+                                     match=("recipe", "metric"))
+    if study.user_attrs.get("overrides", attrs["overrides"]) != attrs["overrides"]:
+        logger.warning("study %s was run with overrides %s, now %s: its trials mix both settings", study_name,
+                       study.user_attrs["overrides"], attrs["overrides"])
     if fail_running:
         failed = fail_running_trials(study)
         if failed:
@@ -327,11 +332,9 @@ def tune(
             study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=catch, gc_after_trial=True,
                            show_progress_bar=not quiet)
         else:
-            if n_trials is None:
-                raise ValueError("workers > 1 needs n_trials (each worker runs its share)")
             threads = max(1, (os.cpu_count() or 1) // workers)
-            spec = _WorkerSpec(study_name, os.fspath(storage), sampler, pruner_obj, seed, n_trials, objective, timeout, catch, heartbeat_interval, grace_period,
-                               threads, quiet)
+            spec = _WorkerSpec(study_name, os.fspath(storage), sampler, pruner_obj, seed, n_trials, objective, timeout,
+                               catch, heartbeat_interval, grace_period, threads, quiet)
             _run_workers(study, spec, n_trials, workers)
     if plots:
         written = save_plots(study, output_dir / "plots", objectives)

@@ -133,7 +133,8 @@ def add_parser(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ())
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--calibrate-batches", type=int, default=10, help="training batches for BatchNorm recalibration")
     s.add_argument("--device", default="auto")
-    s.add_argument("--export", default=None, metavar="DIR", help="write the best subnet (subnet.pt, subnet.ts, subnet.json) and plots")
+    s.add_argument("--export", default=None, metavar="DIR",
+                   help="write the best subnet (subnet.pt, subnet.ts, subnet.json) and plots")
     s.set_defaults(func=cmd_search)
     for p in (t, s):
         if not _has_option(parents, "--quiet"):
