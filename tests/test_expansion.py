@@ -194,9 +194,8 @@ def test_bad_growth_parameters(kwargs, fragment):
     assert fragment in str(err.value)
 
 
-def test_bad_score_inputs(batch):
+def test_bad_score_inputs():
     model = tiny_net()
-    x, y = batch[0][:4], batch[1][:4]
     with pytest.raises(ValueError, match="damping"):
         natural_expansion_score(model, torch.randn(4, 1, 6, 6), torch.randint(0, 4, (4,)), damping=-1.0)
     with pytest.raises(ValueError, match="empty batch"):

@@ -103,7 +103,7 @@ def test_joint_mode_trains_only_inside_the_grown_level(digits):
                 assert torch.equal(p.detach()[~masks[n]], outside[n]), n
 
     pg.on_step_end = watch
-    em = pg.fit(fresh_model(), digits.train, digits.val)
+    pg.fit(fresh_model(), digits.train, digits.val)
     assert outside and all(r["accuracy"] > 0.5 for r in pg.report())
 
 

@@ -104,11 +104,36 @@ def widen_group(model: nn.Module, group: ChannelGroup, count: int) -> list[Param
     return changes
 
 
-def add_block(model: nn.Module, stage: int) -> list[ParamChange]:
-    """Append an identity-initialised block to ``stage`` of a ``growable_cnn`` (function-preserving in eval mode)."""
+def add_block(model: nn.Module, stage: int, calibration: Optional[torch.Tensor] = None) -> list[ParamChange]:
+    """Append an identity-initialised block to ``stage`` of a ``growable_cnn`` (function-preserving in eval mode).
+
+    With ``calibration`` inputs, the new BatchNorm is set from the statistics of the block's input
+    on them (running mean/var = batch mean/var, weight = sqrt(var + eps), bias = mean): still the
+    exact identity in eval mode, and close to it in train mode too, where a plain identity BN
+    would normalise the features with batch statistics and change the function at once.
+    """
     if not hasattr(model, "add_block"):
         raise ValueError(f"{type(model).__name__} cannot grow in depth; only growable_cnn models have blocks to add")
     block = model.add_block(stage)
+    if calibration is not None and isinstance(getattr(block, "bn", None), nn.BatchNorm2d):
+        captured: dict[str, torch.Tensor] = {}
+        hook = block.register_forward_pre_hook(lambda m, inputs: captured.setdefault("x", inputs[0].detach()))
+        was_training = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(calibration)
+        finally:
+            hook.remove()
+            model.train(was_training)
+        x = captured["x"]
+        mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+        bn = block.bn
+        with torch.no_grad():
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.weight.copy_(torch.sqrt(var + bn.eps))
+            bn.bias.copy_(mean)
     return [ParamChange(None, p) for p in block.parameters()]
 
 

@@ -11,7 +11,7 @@ import abc
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn

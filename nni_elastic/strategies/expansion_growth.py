@@ -49,7 +49,6 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch.utils.data import DataLoader, Dataset
 
@@ -240,7 +239,7 @@ class ExpansionGrowth(Strategy):
         out: list[tuple[str, Callable[[nn.Module], list]]] = []
         if "depth" in self.candidates and hasattr(model, "add_block"):
             for s in range(len(model.stages)):
-                out.append((f"depth:stage{s}", lambda m, s=s: add_block(m, s)))
+                out.append((f"depth:stage{s}", lambda m, s=s: add_block(m, s, calibration=self._calibration)))
         if "width" in self.candidates:
             graph = build_channel_graph(model, self._example)
             for g in graph.groups:
@@ -260,6 +259,7 @@ class ExpansionGrowth(Strategy):
         new entries only, K_c = K + G_new G_new^T. Only the grown tensors are differentiated.
         """
         _check_inputs(x, y, self.damping, "absolute")
+        self._calibration = x  # new blocks take their BatchNorm statistics from the score batch
         lam = self.damping
         current = FisherGram.of(model, x, y)
         eta = current.score(lam)

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..device import resolve_device
 from ..elastic import ElasticModel, _check_widths
 from ..graph import GRADIENT_IMPORTANCES, IMPORTANCES
-from ..training import elastic_step, evaluate, evaluate_levels, plain_step, seed_everything, train
+from ..training import elastic_step, evaluate_levels, plain_step, seed_everything, train
 from ._base import ParameterGuard, Step, StepInfo, Strategy, example_from, first_batches, train_config
 
 __all__ = ["PruneAndGrow", "GROW_MODES", "REGROW_MODES"]
