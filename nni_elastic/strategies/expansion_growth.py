@@ -239,7 +239,8 @@ class ExpansionGrowth(Strategy):
         out: list[tuple[str, Callable[[nn.Module], list]]] = []
         if "depth" in self.candidates and hasattr(model, "add_block"):
             for s in range(len(model.stages)):
-                out.append((f"depth:stage{s}", lambda m, s=s: add_block(m, s, calibration=self._calibration)))
+                calibration = getattr(self, "_calibration", None)
+                out.append((f"depth:stage{s}", lambda m, s=s, c=calibration: add_block(m, s, calibration=c)))
         if "width" in self.candidates:
             graph = build_channel_graph(model, self._example)
             for g in graph.groups:
