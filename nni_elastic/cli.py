@@ -17,6 +17,7 @@ import torch
 from .checkpoint import atomic_write_json
 from .device import DEVICES, resolve_device
 from .reporting import plot_levels, print_table, save_exports
+from .config import parse_overrides
 
 logger = logging.getLogger("nni_elastic")
 
@@ -56,21 +57,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _overrides(items: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: use dotted.key=value, e.g. --set strategy.grow_epochs=1")
-        out[key.strip()] = value
-    return out
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_recipe
     from .runner import run_recipe
 
-    overrides = _overrides(args.set)
+    overrides = parse_overrides(args.set)
     if args.device:
         overrides["device"] = args.device
     recipe = load_recipe(args.recipe, overrides)

@@ -15,7 +15,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
@@ -31,6 +31,7 @@ __all__ = [
     "load_recipe",
     "recipe_from_dict",
     "apply_overrides",
+    "parse_overrides",
 ]
 
 METHODS = ("prune_and_grow", "expansion_growth")
@@ -243,6 +244,17 @@ def recipe_from_dict(data: Mapping[str, Any], *, source: Optional[str] = None, c
 
 def _parse_scalar(text: str) -> Any:
     return yaml.safe_load(text) if text != "" else ""
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    """``["strategy.grow_epochs=1", ...]`` (``--set`` arguments) -> ``{"strategy.grow_epochs": "1"}``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set {item!r}: use dotted.key=value, e.g. --set strategy.grow_epochs=1")
+        out[key.strip()] = value
+    return out
 
 
 def apply_overrides(data: dict, overrides: Mapping[str, Any]) -> dict:

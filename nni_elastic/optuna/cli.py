@@ -11,18 +11,9 @@ from __future__ import annotations
 
 import argparse
 from typing import Any, Optional, Sequence
+from ..config import parse_overrides
 
 __all__ = ["add_parser", "cmd_tune", "cmd_search"]
-
-
-def _overrides(items: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: use dotted.key=value, e.g. --set data.limit=200")
-        out[key.strip()] = value
-    return out
 
 
 def _pruner(text: str) -> Optional[str]:
@@ -41,7 +32,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     study = tune(
         args.recipe, args.trials, search_space=args.search_space, storage=args.storage, study_name=args.study_name,
         objectives=args.objectives, metric=args.metric, sampler=args.sampler, pruner=_pruner(args.pruner),
-        output_dir=args.out, overrides=_overrides(args.set), workers=args.workers, timeout=args.timeout,
+        output_dir=args.out, overrides=parse_overrides(args.set), workers=args.workers, timeout=args.timeout,
         seed=args.seed, quiet=args.quiet, fail_running=args.fail_running,
     )
     if args.quiet:
