@@ -1,4 +1,4 @@
-"""Command line: ``nni-elastic run | train | levels | export | tune | search``.
+"""Command line: ``nni-elastic run | train | levels | export | tune | search | nni``.
 
 ``train`` is the main job: it trains an elastic model on a dataset (digits by default, no files
 needed), prints the level table (width, MACs, params, latency, accuracy), and writes the elastic
@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .optuna.cli import add_parser as add_optuna_commands  # light: Optuna loads only when tune/search runs
 
     add_optuna_commands(sub, [common])
+
+    from .nni.cli import add_parser as add_nni_commands  # light: NNI loads only when an nni command runs
+
+    add_nni_commands(sub, [common])
     return parser
 
 

@@ -1,8 +1,16 @@
-"""NNI adapter: ``PruneAndGrowPruner`` (an NNI 3.0 compression ``Pruner``) and ``speedup_with_masks``.
+"""NNI adapter: compression ``Pruner``, experiment trials, an Optuna-backed tuner.
 
-This is the only package that imports NNI (``import nni_elastic`` never does). The heavy
-``nni.compression`` import happens on first use of a name below, so other entry points in this
-package stay light.
+- ``PruneAndGrowPruner`` (an NNI 3.0 compression ``Pruner``) and ``speedup_with_masks``.
+- Trials for ``nnictl create`` experiments (``search_spaces/*.yml``):
+  ``python -m nni_elastic.nni.trial`` runs a recipe with the tuner's parameters as overrides
+  (:func:`run_trial`, :func:`final_metric`); ``python -m nni_elastic.nni.subnet_trial`` evaluates
+  per-stage widths of a trained elastic model on its shared weights (:func:`run_subnet_trial`).
+- ``OptunaTuner``: an NNI tuner that asks an Optuna study (any sampler, one or several
+  objectives, stored so that ``optuna-dashboard`` reads it); :func:`register_tuner` registers it
+  with NNI (``nnictl algo register``) under the name ``OptunaTuner``.
+
+This is the only package that imports NNI (``import nni_elastic`` never does). Every name below
+is imported on first use, so each entry point loads only what it needs.
 
 Example:
     >>> from nni_elastic.nni import PruneAndGrowPruner, speedup_with_masks
@@ -10,20 +18,34 @@ Example:
     ...                             train_data=splits.train, val_data=splits.val)
     >>> model, masks = pruner.compress(); pruner.unwrap_model()
     >>> compact = speedup_with_masks(model, masks, splits.example_inputs())
+    >>> from nni_elastic.nni import register_tuner; register_tuner()   # then tuner: {name: OptunaTuner}
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-__all__ = ["PruneAndGrowPruner", "speedup_with_masks"]
+__all__ = [
+    "PruneAndGrowPruner", "speedup_with_masks",
+    "OptunaTuner", "register_tuner", "unregister_tuner", "write_tuner_meta", "TUNER_META",
+    "run_trial", "final_metric", "run_subnet_trial", "subnet_metric",
+]
 
-_LAZY = {"PruneAndGrowPruner": "._pruner", "speedup_with_masks": "._speedup"}
+_LAZY = {
+    "PruneAndGrowPruner": "._pruner", "speedup_with_masks": "._speedup",
+    "OptunaTuner": "._tuner",
+    "register_tuner": "._register", "unregister_tuner": "._register", "write_tuner_meta": "._register",
+    "TUNER_META": "._register",
+    "run_trial": ".trial", "final_metric": ".trial",
+    "run_subnet_trial": ".subnet_trial", "subnet_metric": ".subnet_trial",
+}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

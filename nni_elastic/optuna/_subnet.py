@@ -34,28 +34,37 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import statistics
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import optuna
-import torch
-import torch_pruning as tp
 
-from ..checkpoint import atomic_save, atomic_write_json
-from ..data import load_dataset, make_loader
 from ..device import resolve_device
 from ..elastic import ElasticModel
-from ..subnet import model_stages, stage_groups, stage_level
-from ..training import evaluate
+from ..subnet import (
+    SubnetEvaluator,
+    evaluate_subnet,
+    export_subnet,
+    latency_budget,
+    macs_budget,
+    model_stages,
+    search_data,
+    stage_groups,
+    stage_level,
+)
 from ._space import SpaceLike, find_search_space, load_search_space, suggest
 from ._storage import open_storage
-from ._study import create_or_load_study, make_sampler, optuna_verbosity, parse_objectives, save_plots
+from ._study import (
+    create_or_load_study,
+    make_sampler,
+    optuna_verbosity,
+    parse_objectives,
+    save_plots,
+)
 
 __all__ = ["SubnetSearchResult", "search_subnets", "stage_groups", "stage_level", "model_stages", "subnet_constraints"]
 
@@ -101,86 +110,6 @@ class SubnetSearchResult:
 
 
 # ---------------------------------------------------------------------- evaluation
-class _Evaluator:
-    """Costs and accuracy of per-group levels on one ElasticModel, cached per channel configuration."""
-
-    def __init__(self, em: ElasticModel, calib: list, val: Any, device: torch.device, latency: bool,
-                 latency_batch_size: int, latency_repeats: int) -> None:
-        self.em, self.calib, self.val, self.device = em, calib, val, device
-        self.latency, self.latency_batch_size, self.latency_repeats = latency, latency_batch_size, latency_repeats
-        self.costs: dict[tuple, dict[str, Any]] = {}
-        self.accuracy: dict[tuple, float] = {}
-
-    def key(self, level: Mapping[str, float]) -> tuple:
-        return tuple(sorted(self.em.channels_of(dict(level)).items()))
-
-    def cost(self, level: Mapping[str, float]) -> dict[str, Any]:
-        k = self.key(level)
-        if k not in self.costs:
-            exported = self.em.export(dict(level))
-            example = torch.zeros((1, *self.em.example_shape[1:]), device=self.device)
-            macs, params = tp.utils.count_ops_and_params(exported, example)
-            entry = {"macs": int(macs), "params": int(params), "latency_ms": None}
-            if self.latency:
-                entry["latency_ms"] = _latency_ms(exported, self.em.example_shape, self.device,
-                                                  self.latency_batch_size, self.latency_repeats)
-            self.costs[k] = entry
-        return self.costs[k]
-
-    def activate(self, level: Mapping[str, float]) -> None:
-        """Switch to the level and recompute its BatchNorm statistics on the calibration batches."""
-        self.em.set_level(dict(level))
-        self.em.calibrate_bn(self.calib)
-
-    def evaluate(self, level: Mapping[str, float]) -> float:
-        k = self.key(level)
-        if k not in self.accuracy:
-            self.activate(level)
-            self.accuracy[k] = evaluate(self.em, self.val, device=self.device)["accuracy"]
-        return self.accuracy[k]
-
-
-@torch.inference_mode()
-def _latency_ms(net: torch.nn.Module, shape: Sequence[int], device: torch.device, batch: int, repeats: int) -> float:
-    x = torch.zeros((batch, *shape[1:]), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        net(x)
-    times = []
-    for _ in range(max(1, repeats)):
-        sync()
-        start = time.perf_counter()
-        net(x)
-        sync()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
-
-
-def _data_settings(em: ElasticModel, data: Optional[str], data_root: Optional[str]) -> tuple[str, dict[str, Any], int]:
-    """Dataset name and split settings: those the checkpoint was trained with (so the validation
-    split is the held-out one), unless another dataset is named."""
-    meta = getattr(em, "metadata", None) or {}
-    recipe = meta.get("recipe") or {}
-    rec_data = recipe.get("data") or {}
-    name = data or rec_data.get("name") or meta.get("dataset") or "digits"
-    kwargs: dict[str, Any] = {"root": data_root}
-    if rec_data.get("name") == name:
-        kwargs.update(val_fraction=rec_data.get("val_fraction", 0.2), seed=rec_data.get("seed", 0),
-                      image_size=rec_data.get("image_size"))
-        if data_root is None:
-            kwargs["root"] = rec_data.get("root")
-    batch_size = int((recipe.get("train") or {}).get("batch_size", 64))
-    return name, kwargs, batch_size
-
-
-def _budget(value: Optional[float], full: float, name: str) -> float:
-    if value is None:
-        return math.inf
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name}={value!r} must be a positive number")
-    return value * full if value <= 1 else float(value)
-
-
 def _pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows not dominated in (accuracy max, MACs min), one per configuration, by MACs."""
     unique: dict[tuple, dict[str, Any]] = {}
@@ -199,56 +128,30 @@ def _row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
             "macs_ratio": a["macs_ratio"], "params": a["params"], "accuracy": a["accuracy"], "latency_ms": a.get("latency_ms")}
 
 
-def _export(em: ElasticModel, best: dict[str, Any], out_dir: Path) -> list[Path]:
-    module = em.export().cpu()  # the active level: best, with its recalibrated BatchNorm statistics
-    example = torch.zeros((1, *em.example_shape[1:]))
-    written = [atomic_save(module, out_dir / "subnet.pt")]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 marks TorchScript deprecated; still the portable format
-        scripted = torch.jit.trace(module, example)
-    path = out_dir / "subnet.ts"
-    tmp = path.with_name(path.name + ".tmp")
-    scripted.save(str(tmp))
-    tmp.replace(path)
-    written.append(path)
-    written.append(atomic_write_json(best, out_dir / "subnet.json"))
-    return written
-
-
 _SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")  # Optuna >= 5
 
 
 class _SubnetObjective:
     """One trial: sample stage widths, count the cost, evaluate when within budget (else penalise)."""
 
-    def __init__(self, ev: "_Evaluator", space: dict, objectives: Sequence[str], full: dict, macs_cap: float,
+    def __init__(self, ev: SubnetEvaluator, space: dict, objectives: Sequence[str], full: dict, macs_cap: float,
                  latency_cap: float) -> None:
         self.ev, self.space, self.objectives, self.full = ev, space, tuple(objectives), full
         self.macs_cap, self.latency_cap = macs_cap, latency_cap
         self.seconds: list[float] = []  # wall time of trials that computed something new
 
     def __call__(self, trial: optuna.Trial) -> Union[float, tuple[float, ...]]:
-        ev, full = self.ev, self.full
+        ev = self.ev
         start, known = time.perf_counter(), len(ev.costs) + len(ev.accuracy)
-        widths = suggest(trial, self.space)
-        level = stage_level(ev.em, widths)
-        cost = ev.cost(level)
-        constraint = [cost["macs"] / self.macs_cap - 1.0 if math.isfinite(self.macs_cap) else -1.0]
-        if math.isfinite(self.latency_cap):
-            constraint.append(cost["latency_ms"] / self.latency_cap - 1.0)
-        feasible = all(c <= 0 for c in constraint)
-        accuracy = ev.evaluate(level) if feasible else 0.0  # infeasible: not evaluated, penalised
-        attrs = {"widths": widths, "channels": ev.em.channels_of(level), "macs": cost["macs"],
-                 "macs_ratio": cost["macs"] / full["macs"], "params": cost["params"],
-                 "params_ratio": cost["params"] / full["params"], "latency_ms": cost["latency_ms"],
-                 "accuracy": accuracy, "feasible": feasible, "constraint": constraint}
+        attrs = evaluate_subnet(ev, suggest(trial, self.space), macs_cap=self.macs_cap, latency_cap=self.latency_cap,
+                                full=self.full)
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         if _SET_CONSTRAINT:
-            for key, value in zip(("macs", "latency"), constraint):
+            for key, value in zip(("macs", "latency"), attrs["constraint"]):
                 trial.set_constraint(key, value)
-        value = {"accuracy": accuracy, "macs": attrs["macs_ratio"], "params": attrs["params_ratio"],
-                 "latency": cost["latency_ms"]}
+        value = {"accuracy": attrs["accuracy"], "macs": attrs["macs_ratio"], "params": attrs["params_ratio"],
+                 "latency": attrs["latency_ms"]}
         if len(ev.costs) + len(ev.accuracy) > known:
             self.seconds.append(time.perf_counter() - start)
         values = tuple(float(value[o]) for o in self.objectives)
@@ -271,30 +174,6 @@ def _shared_choices(space: Mapping[str, Mapping[str, Any]]) -> list[float]:
     if not all(s["_type"] == "choice" for s in space.values()):
         return []
     return sorted(set.intersection(*[set(s["_value"]) for s in space.values()]))
-
-
-def _search_data(em: ElasticModel, data: Optional[str], data_root: Optional[str], seed: int, calibrate_batches: int,
-                 batch_size: Optional[int], val_limit: Optional[int], device: torch.device) -> tuple[str, list, Any]:
-    """Dataset name, the calibration batches (the same for every trial) and the validation data."""
-    name, data_kwargs, recipe_batch = _data_settings(em, data, data_root)
-    splits = load_dataset(name, **data_kwargs)
-    calib = []
-    for x, _ in make_loader(splits.train, batch_size or recipe_batch, shuffle=True, seed=seed):
-        if len(calib) >= calibrate_batches:
-            break
-        calib.append(x.to(device))
-    val = splits.val
-    if val_limit is not None:
-        val = torch.utils.data.Subset(val, range(min(val_limit, len(val))))
-    return name, calib, val
-
-
-def _latency_budget(value: Optional[float]) -> float:
-    if value is None:
-        return math.inf
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"max_latency_ms={value!r} must be a positive number of milliseconds")
-    return float(value)
 
 
 def _collect(study: optuna.Study, em: ElasticModel, full: dict, seconds: list[float]) -> SubnetSearchResult:
@@ -369,12 +248,12 @@ def search_subnets(
     em = em.to(dev).eval()
     near = Path.cwd() if isinstance(checkpoint, ElasticModel) else Path(checkpoint).parent
     space = _width_space(em, search_space if search_space is not None else find_search_space(SUBNET_SPACE, near=near))
-    name, calib, val = _search_data(em, data, data_root, seed or 0, calibrate_batches, batch_size, val_limit, dev)
-    ev = _Evaluator(em, calib, val, dev, max_latency_ms is not None or "latency" in objectives, latency_batch_size,
+    name, calib, val = search_data(em, data, data_root, seed or 0, calibrate_batches, batch_size, val_limit, dev)
+    ev = SubnetEvaluator(em, calib, val, dev, max_latency_ms is not None or "latency" in objectives, latency_batch_size,
                     latency_repeats)
     full = ev.cost({g: 1.0 for g in em.graph.names})
-    objective = _SubnetObjective(ev, space, objectives, full, _budget(max_macs, full["macs"], "max_macs"),
-                                 _latency_budget(max_latency_ms))
+    objective = _SubnetObjective(ev, space, objectives, full, macs_budget(max_macs, full["macs"], "max_macs"),
+                                 latency_budget(max_latency_ms))
     smallest = ev.cost(stage_level(em, {k: min(s["_value"]) if s["_type"] == "choice" else s["_value"][0]
                                         for k, s in space.items()}))
     if smallest["macs"] > objective.macs_cap:
@@ -404,7 +283,7 @@ def search_subnets(
     else:
         ev.activate(stage_level(em, result.best["widths"]))
         if export_dir is not None:
-            result.exported = _export(em, result.best, Path(export_dir))
+            result.exported = export_subnet(em, result.best, Path(export_dir))
     out_plots = plot_dir if plot_dir is not None else export_dir
     if out_plots is not None:
         result.plots = save_plots(study, Path(out_plots) / "plots", objectives)
