@@ -8,9 +8,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .checkpoint import atomic_save
+from .checkpoint import atomic_write, atomic_save
 
-__all__ = ["print_table", "save_exports", "plot_levels"]
+__all__ = ["print_table", "save_module", "save_exports", "plot_levels"]
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
@@ -41,32 +41,35 @@ def _fmt(column: str, value: Any) -> str:
     return str(value)
 
 
+def save_module(module: torch.nn.Module, stem: Path, example: torch.Tensor,
+                formats: Sequence[str] = ("torch", "torchscript")) -> list[Path]:
+    """Write a compact module as ``stem.pt`` (pickled), ``stem.ts`` (TorchScript), ``stem.onnx``, atomically."""
+    written = []
+    if "torch" in formats:
+        written.append(atomic_save(module, stem.with_suffix(".pt")))
+    if "torchscript" in formats:
+        with warnings.catch_warnings():  # torch 2.13 marks TorchScript deprecated; still the portable format
+            warnings.simplefilter("ignore", DeprecationWarning)
+            scripted = torch.jit.trace(module, example)
+        written.append(atomic_write(stem.with_suffix(".ts"), lambda fh: torch.jit.save(scripted, fh)))
+    if "onnx" in formats:
+        path = stem.with_suffix(".onnx")
+        with warnings.catch_warnings():  # the TorchScript exporter is fast and quiet; torch marks it legacy
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                module, (example,), str(path), input_names=["input"], output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+            )
+        written.append(path)
+    return written
+
+
 def save_exports(em: Any, out_dir: Path, formats: Sequence[str] = ("torch", "torchscript")) -> list[Path]:
     """Write every level's compact export into ``out_dir`` (pickled module, TorchScript, ONNX)."""
+    example = torch.zeros((1, *em.example_shape[1:]))
     written = []
     for level in em.levels:
-        module = em.export(level.index).cpu()
-        example = torch.zeros((1, *em.example_shape[1:]))
-        stem = out_dir / f"level{level.index}"
-        if "torch" in formats:
-            written.append(atomic_save(module, stem.with_suffix(".pt")))
-        if "torchscript" in formats:
-            scripted = torch.jit.trace(module, example)
-            path = stem.with_suffix(".ts")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            scripted.save(str(tmp))
-            tmp.replace(path)
-            written.append(path)
-        if "onnx" in formats:
-            path = stem.with_suffix(".onnx")
-            with warnings.catch_warnings():  # the TorchScript exporter is fast and quiet; torch marks it legacy
-                warnings.simplefilter("ignore", DeprecationWarning)
-                torch.onnx.export(
-                    module, (example,), str(path), input_names=["input"], output_names=["logits"],
-                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
-                )
-            written.append(path)
+        written += save_module(em.export(level.index).cpu(), Path(out_dir) / f"level{level.index}", example, formats)
     return written
 
 

@@ -24,7 +24,6 @@ import math
 import os
 import statistics
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -262,19 +261,10 @@ def latency_budget(value: Optional[float]) -> float:
 def export_subnet(em: ElasticModel, best: Mapping[str, Any], out_dir: str | os.PathLike) -> list[Path]:
     """Write the active level (with its recalibrated BatchNorm statistics) to ``out_dir``:
     ``subnet.pt`` (pickled module), ``subnet.ts`` (TorchScript) and ``subnet.json`` (``best``)."""
-    from .checkpoint import atomic_save, atomic_write_json
+    from .checkpoint import atomic_write_json
+    from .reporting import save_module
 
     out_dir = Path(out_dir)
-    module = em.export().cpu()
-    example = torch.zeros((1, *em.example_shape[1:]))
-    written = [atomic_save(module, out_dir / "subnet.pt")]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 marks TorchScript deprecated; still the portable format
-        scripted = torch.jit.trace(module, example)
-    path = out_dir / "subnet.ts"
-    tmp = path.with_name(path.name + ".tmp")
-    scripted.save(str(tmp))
-    tmp.replace(path)
-    written.append(path)
+    written = save_module(em.export().cpu(), out_dir / "subnet", torch.zeros((1, *em.example_shape[1:])))
     written.append(atomic_write_json(dict(best), out_dir / "subnet.json"))
     return written

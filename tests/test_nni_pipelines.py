@@ -70,17 +70,13 @@ TRIAL_KEYS = {"default", "accuracy", "macs", "params", "latency_ms", "macs_ratio
               "acc_level0", "macs_level0", "params_level0"}
 SUBNET_KEYS = {"default", "accuracy", "feasible", "violation", "macs", "macs_ratio", "params", "params_ratio"}
 # NNI warns that a trial runs without an experiment: that is what these tests do on purpose
-pytestmark = pytest.mark.filterwarnings("ignore:.*Running trial code without runtime:RuntimeWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*Running trial code without runtime:RuntimeWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 TRIAL_MODULES = {"nni_elastic.nni.trial": trial_module, "nni_elastic.nni.subnet_trial": subnet_trial_module}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: two OpenMP threads on a shared 2-core machine run far slower under load
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", autouse=True)

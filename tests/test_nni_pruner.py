@@ -30,13 +30,7 @@ FAST = dict(pretrain_epochs=1, finetune_epochs=1, grow_epochs=1, prune_steps=1, 
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: two OpenMP threads on a shared 2-core machine run up to 40x slower under load
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..training import TrainConfig, evaluate
 
-__all__ = ["Strategy", "Step", "StepInfo", "ParameterGuard", "first_batches", "example_from"]
+__all__ = ["Strategy", "Step", "StepInfo", "ParameterGuard", "first_batches", "example_from", "num_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,11 @@ def first_batches(data: Dataset | DataLoader, batch_size: int, count: int) -> li
             break
         out.append((x, y))
     return out
+
+
+def num_samples(data: Dataset | DataLoader) -> int:
+    """Samples in a dataset or in a loader's dataset."""
+    return len(data.dataset) if isinstance(data, DataLoader) else len(data)
 
 
 def example_from(data: Dataset | DataLoader) -> torch.Tensor:

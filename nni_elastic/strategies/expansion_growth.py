@@ -58,7 +58,7 @@ from ..expansion.ops import add_block, update_optimizer, widen_group
 from ..expansion.score import FisherGram, _check_inputs, per_sample_gradients
 from ..graph import build_channel_graph
 from ..training import evaluate, make_optimizer, make_scheduler, seed_everything, train
-from ._base import StepInfo, Strategy, example_from, train_config
+from ._base import StepInfo, Strategy, example_from, num_samples, train_config
 
 __all__ = ["ExpansionGrowth", "GrowthCheckpoint", "GrowthResult", "load_growth_checkpoint", "CANDIDATE_KINDS"]
 
@@ -266,7 +266,8 @@ class ExpansionGrowth(Strategy):
         eta = current.score(lam)
         params, best = _num_params(model), None
         scores = {}
-        for name, apply in self._candidates(model):
+        self._candidate_ops = dict(self._candidates(model))  # the chosen one is applied as scored
+        for name, apply in self._candidate_ops.items():
             trial = copy.deepcopy(model)
             rng = torch.get_rng_state()
             changes = apply(trial)
@@ -297,7 +298,7 @@ class ExpansionGrowth(Strategy):
         self.expansions_, self.checkpoints_, self.history_, self._checks = [], [], [], 0
         self.checks_: list[dict[str, Any]] = []
         model = model.to(device)
-        steps_per_epoch = math.ceil(_num_samples(train_data) / self.cfg.batch_size)
+        steps_per_epoch = math.ceil(num_samples(train_data) / self.cfg.batch_size)
         self._train_data_for_scores, self._steps_per_epoch = train_data, steps_per_epoch
         start_epoch, state = 0, None
         if resume:
@@ -349,7 +350,7 @@ class ExpansionGrowth(Strategy):
         name = decision["best"]
         graph_before = {g.name: g.size for g in build_channel_graph(model, self._example).groups}
         self._checkpoint(step, step // max(1, self._steps_per_epoch), name)
-        apply = dict(self._candidates(model))[name]
+        apply = self._candidate_ops[name]
         was_training = model.training
         changes = apply(model)
         model.train(was_training)
@@ -405,6 +406,3 @@ class ExpansionGrowth(Strategy):
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
 
-
-def _num_samples(data: Any) -> int:
-    return len(data.dataset) if isinstance(data, DataLoader) else len(data)

@@ -46,7 +46,7 @@ from ..device import resolve_device
 from ..elastic import ElasticModel, _check_widths
 from ..graph import GRADIENT_IMPORTANCES, IMPORTANCES
 from ..training import elastic_step, evaluate_levels, plain_step, seed_everything, train
-from ._base import ParameterGuard, Step, StepInfo, Strategy, example_from, first_batches, train_config
+from ._base import ParameterGuard, Step, StepInfo, Strategy, example_from, first_batches, num_samples, train_config
 
 __all__ = ["PruneAndGrow", "GROW_MODES", "REGROW_MODES"]
 
@@ -287,8 +287,7 @@ class PruneAndGrow(Strategy):
         # the channels kept by the previous step (a pure function of the plan, so resume agrees)
         prefix = em.channels_of(-1 if previous is None else self._level_of(em, previous))
         data = first_batches(self._train_data, self.batch_size, 4) if self.importance in GRADIENT_IMPORTANCES else None
-        with em.use_level(-1):
-            em.reorder(self.importance, data=data, prefix=prefix)  # re-score the channels still kept
+        em.reorder(self.importance, data=data, prefix=prefix)  # re-score the channels still kept
         target = self._level_of(em, width)
         em.set_level(target)
         guard = ParameterGuard(em.model, em.parameter_masks(target))
@@ -336,7 +335,7 @@ class PruneAndGrow(Strategy):
         full = em.levels[-1].macs
         self.compute_ = {
             "full_epochs": self.records_["compute_full_epochs"],
-            "mac_samples": self.records_["compute_full_epochs"] * full * _num_samples(self._train_data),
+            "mac_samples": self.records_["compute_full_epochs"] * full * num_samples(self._train_data),
         }
 
     def measure_latency(self, batch_size: int = 1) -> list[dict[str, Any]]:
@@ -347,9 +346,6 @@ class PruneAndGrow(Strategy):
             row["latency_ms"] = lv.latency_ms
         return self.report()
 
-
-def _num_samples(data: Any) -> int:
-    return len(data.dataset) if isinstance(data, DataLoader) else len(data)
 
 
 @torch.no_grad()
