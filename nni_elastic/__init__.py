@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 from . import data, models
+from .checkpoint import CheckpointError, load_compact
 from .elastic import ElasticModel, Level
 from .graph import UnsupportedModuleError, build_channel_graph
 from .models import create_model, list_models
@@ -18,6 +19,7 @@ from .strategies import ExpansionGrowth, PruneAndGrow
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "ElasticModel",
     "ExpansionGrowth",
     "Level",
@@ -27,6 +29,7 @@ __all__ = [
     "create_model",
     "data",
     "list_models",
+    "load_compact",
     "models",
     "natural_expansion_score",
 ]

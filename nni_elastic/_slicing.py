@@ -1,18 +1,45 @@
-"""Sliced forward passes for Conv, Linear and BatchNorm, switched by a shared level index.
+"""Sliced forward passes through each module's *own* ``forward``, switched by a shared level index.
 
-Converting a module swaps its class for a subclass whose ``forward`` reads the active level from
-one shared :class:`LevelState`; parameters stay the same objects, so optimizers, state-dict keys
-and user references keep working, and switching a level writes one integer.
+Converting a module swaps its class for a generated subclass of that very class. Its ``forward``
+puts sliced views of the module's channel tensors (and the matching channel-count attributes such
+as ``out_channels``, ``groups``, ``normalized_shape``) in place, runs the module's own ``forward``
+and puts the full tensors back. So a subclass with its own forward (a BatchNorm followed by an
+activation, a weight-standardised convolution, ``LayerNorm2d``) keeps it, parameters stay the same
+objects (optimizers, state-dict keys and user references keep working), and switching a level
+writes one integer.
+
+Modules with BatchNorm running statistics hold one row of statistics per level (switchable BN);
+outside a forward their ``running_mean``/``running_var`` are ``None`` and the rows live in the
+``level_running_mean``/``level_running_var``/``level_num_batches_tracked`` buffers.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 Selector = Union[None, int, torch.Tensor]  # None: all, int: prefix length, tensor: kept indices
+
+__all__ = [
+    "LevelState",
+    "SliceSpec",
+    "channel_tensors",
+    "channel_attrs",
+    "channel_count",
+    "channel_blocks",
+    "is_depthwise",
+    "make_sliced",
+    "make_plain",
+    "is_sliced",
+    "has_level_rows",
+    "set_specs",
+    "take",
+]
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_STATS = ("running_mean", "running_var")
 
 
 class LevelState:
@@ -39,72 +66,226 @@ def take(t: Optional[torch.Tensor], sel: Selector, dim: int) -> Optional[torch.T
     return t.index_select(dim, sel)
 
 
-class _Sliced:
-    """Mixin: ``_ne_specs[level] = (out_selector, in_selector)``."""
-
-    _ne_state: LevelState
-    _ne_specs: list[tuple[Selector, Selector]]
-    _ne_original: type
-
-    def _ne_spec(self) -> tuple[Selector, Selector]:
-        return self._ne_specs[self._ne_state.index]
+# --------------------------------------------------------------------------- what a module slices
 
 
-class SlicedConv(_Sliced, nn.Conv2d):
-    """Conv1d/Conv2d computing only the active output and input channels (groups=1 or depthwise)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_sel, in_sel = self._ne_spec()
-        w = take(take(self.weight, out_sel, 0), in_sel, 1)
-        b = take(self.bias, out_sel, 0)
-        groups = w.shape[0] if self._ne_depthwise else 1
-        fn = F.conv2d if self._ne_ndim == 2 else F.conv1d
-        return fn(x, w, b, self.stride, self.padding, self.dilation, groups)
+def is_depthwise(module: nn.Module) -> bool:
+    """A convolution whose every channel is its own group (in == out == groups > 1)."""
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and module.groups > 1
+        and module.groups == module.in_channels == module.out_channels
+    )
 
 
-class SlicedLinear(_Sliced, nn.Linear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_sel, in_sel = self._ne_spec()
-        return F.linear(x, take(take(self.weight, out_sel, 0), in_sel, 1), take(self.bias, out_sel, 0))
+def channel_tensors(module: nn.Module, dim: str) -> list[tuple[str, int]]:
+    """``(tensor name, axis)`` of the parameters and buffers a module indexes by its ``dim`` channels.
+
+    ``dim`` is ``"out"``, ``"in"`` or ``"param:<name>"`` (a bare parameter of the module, sliced
+    along the axis torch-pruning prunes; the axis is given by the caller). Running statistics of
+    modules with per-level rows are handled separately (see :func:`make_sliced`).
+    """
+    if dim.startswith("param:"):
+        raise ValueError("bare parameters carry their own axis")
+    out: list[tuple[str, int]] = []
+    if isinstance(module, nn.modules.conv._ConvNd):
+        out_axis, in_axis = (1, 0) if module.transposed else (0, 1)
+        if dim == "out" or is_depthwise(module):
+            out.append(("weight", out_axis))
+            if module.bias is not None:
+                out.append(("bias", 0))
+        else:
+            out.append(("weight", in_axis))
+    elif isinstance(module, nn.Linear):
+        if dim == "out":
+            out.append(("weight", 0))
+            if module.bias is not None:
+                out.append(("bias", 0))
+        else:
+            out.append(("weight", 1))
+    elif isinstance(module, _NORMS):
+        for name in ("weight", "bias"):
+            t = getattr(module, name, None)
+            if t is not None:
+                out.append((name, t.dim() - 1 if isinstance(module, nn.LayerNorm) else 0))
+        if not has_level_rows(module):
+            out += [(name, 0) for name in _STATS if getattr(module, name, None) is not None]
+    elif isinstance(module, nn.PReLU):
+        if module.num_parameters > 1:
+            out.append(("weight", 0))
+    return out
 
 
-class SlicedBatchNorm(_Sliced, nn.BatchNorm2d):
-    """BatchNorm with one row of running statistics per level (switchable BN, Yu et al. 2019).
+def channel_count(module: nn.Module, dim: str) -> int:
+    """The full number of ``dim`` channels of a supported module."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels if dim == "out" else module.in_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features if dim == "out" else module.in_features
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[-1]
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return module.num_features
+    if isinstance(module, nn.PReLU):
+        return module.num_parameters
+    raise TypeError(f"cannot count the channels of {type(module).__name__}")
 
-    ``level_running_mean``/``level_running_var`` have shape ``[rows, C]``; the row is
-    ``LevelState.bn_row`` (the level index with per-level statistics, 0 with shared ones).
+
+def channel_attrs(module: nn.Module, dim: str, k: int) -> dict[str, Any]:
+    """The channel-count attributes a module's forward may read, at ``k`` channels on ``dim``."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if is_depthwise(module):
+            return {"out_channels": k, "in_channels": k, "groups": k}
+        return {"out_channels": k} if dim == "out" else {"in_channels": k}
+    if isinstance(module, nn.Linear):
+        return {"out_features": k} if dim == "out" else {"in_features": k}
+    if isinstance(module, nn.GroupNorm):
+        return {"num_channels": k}
+    if isinstance(module, nn.LayerNorm):
+        return {"normalized_shape": tuple(module.normalized_shape[:-1]) + (k,)}
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return {"num_features": k}
+    if isinstance(module, nn.PReLU) and module.num_parameters > 1:
+        return {"num_parameters": k}
+    return {}
+
+
+def channel_blocks(module: nn.Module, dim: str) -> int:
+    """How many equal blocks a module splits its ``dim`` channels into (grouped conv, GroupNorm).
+
+    A level must keep the same number of channels in every block, so the module keeps its group
+    count and the level equals torch-pruning's physically pruned copy.
+    """
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not is_depthwise(module):
+        return module.groups
+    if isinstance(module, nn.GroupNorm) and dim == "out":
+        return module.num_groups
+    return 1
+
+
+# --------------------------------------------------------------------------- sliced classes
+
+
+@dataclass
+class SliceSpec:
+    """How one module runs at one level.
+
+    Attributes:
+        tensors: ``(name, ((axis, selector), ...))`` for every parameter or buffer to slice.
+        attrs: channel-count attributes to set during the forward.
+        stats: selector of the running-statistics rows (modules with per-level rows only).
     """
 
-    def _check_input_dim(self, x: torch.Tensor) -> None:  # accepts 2D/3D/4D like BatchNorm1d/2d
-        if x.dim() not in (2, 3, 4):
-            raise ValueError(f"expected 2D, 3D or 4D input to BatchNorm, got {x.dim()}D")
+    tensors: tuple[tuple[str, tuple[tuple[int, Selector], ...]], ...] = ()
+    attrs: dict[str, Any] = field(default_factory=dict)
+    stats: Selector = None
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        # skip _NormBase's upgrade of old checkpoints, which would re-add num_batches_tracked
-        nn.Module._load_from_state_dict(self, *args, **kwargs)
+    @property
+    def is_full(self) -> bool:
+        return not self.tensors and not self.attrs and self.stats is None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_sel, _ = self._ne_spec()
+    def to(self, device: torch.device) -> "SliceSpec":
+        def move(s: Selector) -> Selector:
+            return s.to(device) if isinstance(s, torch.Tensor) else s
+
+        tensors = tuple((n, tuple((a, move(s)) for a, s in sels)) for n, sels in self.tensors)
+        return SliceSpec(tensors, dict(self.attrs), move(self.stats))
+
+
+class _Sliced:
+    """Marker base of the generated sliced classes."""
+
+    _ne_state: LevelState
+    _ne_specs: list[SliceSpec]
+    _ne_original: type
+
+
+def _sliced_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    base = self._ne_original.forward
+    if self.__dict__.get("_ne_active"):  # re-entered from its own forward: already sliced
+        return base(self, *args, **kwargs)
+    spec: SliceSpec = self._ne_specs[self._ne_state.index]
+    rows = "level_running_mean" in self._buffers
+    if spec.is_full and not rows:
+        return base(self, *args, **kwargs)
+    params, buffers, attrs = self._parameters, self._buffers, self.__dict__
+    saved_p: dict[str, Any] = {}
+    saved_b: dict[str, Any] = {}
+    saved_a: dict[str, Any] = {}
+    write_back = None
+    for name, sels in spec.tensors:
+        store = params if name in params else buffers
+        full = store[name]
+        view = full
+        for axis, sel in sels:
+            view = take(view, sel, axis)
+        (saved_p if store is params else saved_b)[name] = full
+        store[name] = view
+    if rows:
         row = self._ne_state.bn_row
-        w, b = take(self.weight, out_sel, 0), take(self.bias, out_sel, 0)
-        mean_row, var_row = self.level_running_mean[row], self.level_running_var[row]
-        if not self.training:
-            return F.batch_norm(x, take(mean_row, out_sel, 0), take(var_row, out_sel, 0), w, b, False, 0.0, self.eps)
-        self.level_num_batches_tracked[row] += 1
-        factor = 1.0 / float(self.level_num_batches_tracked[row]) if self.momentum is None else self.momentum
-        if out_sel is None or isinstance(out_sel, int):
-            # prefix views: batch_norm updates the stored rows in place
-            return F.batch_norm(x, take(mean_row, out_sel, 0), take(var_row, out_sel, 0), w, b, True, factor, self.eps)
-        mean, var = mean_row.index_select(0, out_sel), var_row.index_select(0, out_sel)
-        y = F.batch_norm(x, mean, var, w, b, True, factor, self.eps)
-        with torch.no_grad():
-            mean_row.index_copy_(0, out_sel, mean)
-            var_row.index_copy_(0, out_sel, var)
-        return y
+        mean_row, var_row = buffers["level_running_mean"][row], buffers["level_running_var"][row]
+        for name in (*_STATS, "num_batches_tracked"):
+            saved_b[name] = buffers.get(name)
+        buffers["running_mean"] = take(mean_row, spec.stats, 0)
+        buffers["running_var"] = take(var_row, spec.stats, 0)
+        buffers["num_batches_tracked"] = buffers["level_num_batches_tracked"][row]
+        if isinstance(spec.stats, torch.Tensor):  # index_select copies: write the update back
+            write_back = (mean_row, var_row, buffers["running_mean"], buffers["running_var"], spec.stats)
+    for name, value in spec.attrs.items():
+        saved_a[name] = attrs[name]
+        attrs[name] = value
+    attrs["_ne_active"] = True
+    try:
+        return base(self, *args, **kwargs)
+    finally:
+        attrs.pop("_ne_active", None)
+        params.update(saved_p)
+        attrs.update(saved_a)
+        if write_back is not None and self.training:
+            mean_row, var_row, mean, var, sel = write_back
+            with torch.no_grad():
+                mean_row.index_copy_(0, sel, mean)
+                var_row.index_copy_(0, sel, var)
+        for name, value in saved_b.items():
+            if value is None and name in _STATS + ("num_batches_tracked",):
+                buffers[name] = None
+            else:
+                buffers[name] = value
 
 
-def make_sliced(module: nn.Module, state: LevelState, rows: int) -> None:
-    """Swap ``module``'s class for its sliced twin (in place); BatchNorm gets ``rows`` stat rows."""
+def _rows_load_from_state_dict(self: Any, *args: Any, **kwargs: Any) -> None:
+    # skip _NormBase's upgrade of old checkpoints, which would re-add num_batches_tracked
+    nn.Module._load_from_state_dict(self, *args, **kwargs)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _sliced_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        namespace: dict[str, Any] = {"forward": _sliced_forward, "__module__": __name__}
+        if issubclass(cls, nn.modules.batchnorm._NormBase):
+            namespace["_load_from_state_dict"] = _rows_load_from_state_dict
+        _CLASSES[cls] = type(f"Sliced{cls.__name__}", (cls, _Sliced), namespace)
+    return _CLASSES[cls]
+
+
+def wants_level_rows(module: nn.Module) -> bool:
+    """BatchNorm with running statistics: its statistics depend on the level (switchable BN)."""
+    return (
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and module.track_running_stats
+        and module.running_mean is not None
+    )
+
+
+def make_sliced(module: nn.Module, state: LevelState, slots: int, rows: int) -> None:
+    """Swap ``module``'s class for its sliced twin (in place); BatchNorm gets ``rows`` statistic rows.
+
+    Every slot starts at full width; :func:`set_specs` fills them.
+    """
     original = type(module)
     patched = module.__dict__.get("forward")
     if patched is not None:
@@ -116,56 +297,75 @@ def make_sliced(module: nn.Module, state: LevelState, rows: int) -> None:
                 f"{original.__name__} module has a patched forward ({patched!r}); remove the patch (e.g. unwrap "
                 "the model from the compression tool) before wrapping it in an ElasticModel"
             )
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if not module.track_running_stats or module.running_mean is None:
-            raise ValueError(f"BatchNorm {module!r} without running statistics cannot hold per-level statistics")
+    if wants_level_rows(module) and rows > 0:
         mean, var = module.running_mean, module.running_var
-        module.__class__ = SlicedBatchNorm
         module.register_buffer("level_running_mean", mean.detach().clone().unsqueeze(0).repeat(rows, 1))
         module.register_buffer("level_running_var", var.detach().clone().unsqueeze(0).repeat(rows, 1))
-        module.register_buffer(
-            "level_num_batches_tracked", torch.zeros(rows, dtype=torch.long, device=mean.device)
-        )
+        module.register_buffer("level_num_batches_tracked", torch.zeros(rows, dtype=torch.long, device=mean.device))
         # the level rows replace the single set of statistics (restored by ``make_plain``)
         module.running_mean = None
         module.running_var = None
         module.num_batches_tracked = None
-    elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        depthwise, ndim = module.groups > 1, (1 if isinstance(module, nn.Conv1d) else 2)
-        module.__class__ = SlicedConv
-        module._ne_depthwise = depthwise
-        module._ne_ndim = ndim
-    elif isinstance(module, nn.Linear):
-        module.__class__ = SlicedLinear
-    else:  # pragma: no cover - graph.build_channel_graph rejects these first
-        raise TypeError(f"cannot slice {original.__name__}")
+    module.__class__ = _sliced_class(original)
     module._ne_original = original
     module._ne_state = state
-    module._ne_specs = []
+    module._ne_specs = [SliceSpec() for _ in range(slots)]
 
 
-def resize_bn_rows(module: SlicedBatchNorm, rows: int, copy_from: list[int]) -> None:
-    """Give a sliced BatchNorm ``rows`` statistic rows; new row ``i`` copies old row ``copy_from[i]``."""
-    idx = torch.tensor(copy_from, dtype=torch.long, device=module.level_running_mean.device)
-    module.level_running_mean = module.level_running_mean.index_select(0, idx).clone()
-    module.level_running_var = module.level_running_var.index_select(0, idx).clone()
-    module.level_num_batches_tracked = module.level_num_batches_tracked.index_select(0, idx).clone()
+def set_specs(module: nn.Module, slot: int, spec: SliceSpec) -> None:
+    """Set how a sliced module runs in one level slot."""
+    module._ne_specs[slot] = spec
+
+
+def has_level_rows(module: nn.Module) -> bool:
+    return "level_running_mean" in getattr(module, "_buffers", {})
+
+
+def copy_row(module: nn.Module, src: int, dst: int) -> None:
+    """Copy a module's statistics row ``src`` into row ``dst``."""
+    with torch.no_grad():
+        for name in ("level_running_mean", "level_running_var", "level_num_batches_tracked"):
+            t = module._buffers[name]
+            t[dst].copy_(t[src])
+
+
+def reset_row(module: nn.Module, row: int) -> None:
+    """Zero mean, unit variance, no batches seen: the start of an exact re-estimation."""
+    with torch.no_grad():
+        module.level_running_mean[row].zero_()
+        module.level_running_var[row].fill_(1.0)
+        module.level_num_batches_tracked[row].zero_()
+
+
+def snapshot_row(module: nn.Module, row: int) -> tuple[torch.Tensor, ...]:
+    return tuple(module._buffers[n][row].clone() for n in ("level_running_mean", "level_running_var", "level_num_batches_tracked"))
+
+
+def restore_row(module: nn.Module, row: int, saved: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, value in zip(("level_running_mean", "level_running_var", "level_num_batches_tracked"), saved):
+            module._buffers[name][row].copy_(value)
 
 
 def make_plain(module: nn.Module, bn_row: int) -> None:
-    """Undo :func:`make_sliced` on a copy: original class, BatchNorm statistics of ``bn_row``."""
+    """Undo :func:`make_sliced` (on a copy): original class, the statistics of row ``bn_row``."""
     if not isinstance(module, _Sliced):
         return
-    if isinstance(module, SlicedBatchNorm):
+    if has_level_rows(module):
         mean = module.level_running_mean[bn_row].clone()
         var = module.level_running_var[bn_row].clone()
         count = module.level_num_batches_tracked[bn_row].clone()
         for name in ("level_running_mean", "level_running_var", "level_num_batches_tracked"):
             delattr(module, name)
         module.running_mean, module.running_var, module.num_batches_tracked = mean, var, count
-    for name in ("_ne_specs", "_ne_state", "_ne_depthwise", "_ne_ndim"):
+    for name in ("_ne_specs", "_ne_state", "_ne_active"):
         module.__dict__.pop(name, None)
     module.__class__ = module.__dict__.pop("_ne_original")
+
+
+def original_type(module: nn.Module) -> type:
+    """The module's own class (before :func:`make_sliced`)."""
+    return module.__dict__.get("_ne_original", type(module))
 
 
 def is_sliced(module: nn.Module) -> bool:

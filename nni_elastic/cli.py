@@ -14,12 +14,16 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .checkpoint import atomic_write_json
+from .checkpoint import atomic_write_json, ensure_output_dir
 from .device import DEVICES, resolve_device
-from .reporting import plot_levels, print_table, save_exports
+from .reporting import DEFAULT_EXPORTS, EXPORT_FORMATS, plot_levels, print_table, save_exports
 from .config import parse_overrides
 
 logger = logging.getLogger("nni_elastic")
+
+DEFAULT_WIDTHS = (0.25, 0.5, 0.75, 1.0)
+TRUST_HELP = ("unpickle a model stored pickled in the checkpoint (a class outside the zoo): this runs code from "
+              "the file, so only for files you wrote yourself")
 
 
 def _widths(text: str) -> tuple[float, ...]:
@@ -34,6 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .training import TrainConfig, elastic_step, evaluate_levels, train
 
+    out = ensure_output_dir(Path(args.out), "--out")
     device = resolve_device(args.device)
     splits = load_dataset(args.data, root=args.data_root, seed=args.seed, limit=args.limit)
     torch.manual_seed(args.seed)
@@ -46,7 +51,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     rows = em.describe()
     for row, res in zip(rows, results):
         row["accuracy"] = res["accuracy"]
-    out = Path(args.out)
     em.save(out / "elastic.pt", dataset=args.data, history=history.epochs, accuracy=[r["accuracy"] for r in results])
     exports = save_exports(em, out / "exports")
     atomic_write_json({"model": args.model, "dataset": args.data, "device": str(device), "levels": rows}, out / "levels.json")
@@ -80,12 +84,16 @@ def _load_or_build(args: argparse.Namespace) -> Any:
     from . import ElasticModel, create_model
 
     if args.checkpoint:
-        return ElasticModel.load(args.checkpoint)
+        if args.model or args.widths is not None:
+            given = "--model" if args.model else "--widths"
+            raise ValueError(f"{given} applies to a zoo model, not to the checkpoint {args.checkpoint}: its levels were "
+                             f"trained with it; drop {given}, or use --model NAME --widths ... without a checkpoint")
+        return ElasticModel.load(args.checkpoint, trust=args.trust_checkpoint)
     if not args.model:
         raise ValueError("give a checkpoint path or --model NAME")
     shape = (1, args.in_channels, args.input_size, args.input_size)
     model = create_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
-    return ElasticModel(model, torch.randn(shape), widths=args.widths)
+    return ElasticModel(model, torch.randn(shape), widths=args.widths or DEFAULT_WIDTHS)
 
 
 def cmd_levels(args: argparse.Namespace) -> int:
@@ -105,13 +113,15 @@ def cmd_levels(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    em = _load_or_build(args)
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    unknown = sorted(set(formats) - set(EXPORT_FORMATS))
+    if unknown or not formats:
+        raise ValueError(f"--formats: unknown format(s) {unknown}; use {', '.join(EXPORT_FORMATS)}")
     out = Path(args.out)
-    formats = [f.strip() for f in args.formats.split(",")]
-    unknown = sorted(set(formats) - {"torch", "torchscript", "onnx"})
-    if unknown:
-        raise ValueError(f"--formats: unknown format(s) {unknown}; use torch, torchscript, onnx")
-    written = save_exports(em, out, formats)
+    if out.exists() and not out.is_dir():  # before loading: a typo should not cost a model load
+        ensure_output_dir(out, "--out")
+    em = _load_or_build(args)
+    written = save_exports(em, ensure_output_dir(out, "--out"), formats)
     if not args.quiet:
         for p in written:
             print(p)
@@ -152,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=helptext)
         p.add_argument("checkpoint", nargs="?", help="an elastic checkpoint (elastic.pt)")
         p.add_argument("--model", help="a zoo model name instead of a checkpoint")
-        p.add_argument("--widths", type=_widths, default=(0.25, 0.5, 0.75, 1.0))
+        p.add_argument("--widths", type=_widths, default=None, help="levels of a --model (default 0.25,0.5,0.75,1.0)")
+        p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
         p.add_argument("--in-channels", type=int, default=3)
         p.add_argument("--num-classes", type=int, default=10)
         p.add_argument("--input-size", type=int, default=32)
@@ -162,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["levels"].add_argument("--no-latency", action="store_true")
     sub.choices["levels"].add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.choices["export"].add_argument("--out", required=True)
-    sub.choices["export"].add_argument("--formats", default="torch,torchscript", help="torch, torchscript, onnx")
+    sub.choices["export"].add_argument(
+        "--formats", default=",".join(DEFAULT_EXPORTS),
+        help="torchscript (.ts), state (.state.pt: weights + architecture, nni_elastic.load_compact), onnx; "
+             "torch (.pt, a pickled module: loading it runs code, so only on request)")
 
     from .optuna.cli import add_parser as add_optuna_commands  # light: Optuna loads only when tune/search runs
 
@@ -182,6 +196,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"nni-elastic {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file we were told to read or write: name it, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"nni-elastic {args.command}: error: {where}{exc.strerror or exc}; check the path and its permissions",
+              file=sys.stderr)
         return 2
 
 

@@ -32,7 +32,11 @@ __all__ = [
     "recipe_from_dict",
     "apply_overrides",
     "parse_overrides",
+    "recipe_differences",
 ]
+
+# recipe keys that cannot change what a run computes: a resumed run may change them
+RESUME_FREE_KEYS = ("output", "device", "source")
 
 METHODS = ("prune_and_grow", "expansion_growth")
 
@@ -264,7 +268,12 @@ def apply_overrides(data: dict, overrides: Mapping[str, Any]) -> dict:
     out = copy.deepcopy(data)
     for dotted, value in overrides.items():
         if isinstance(value, str):
-            value = _parse_scalar(value)
+            try:
+                value = _parse_scalar(value)
+            except yaml.YAMLError as exc:
+                problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+                raise RecipeError(f"--set {dotted}={value}: the value is not valid YAML ({problem}); close brackets "
+                                  f"and quote text, e.g. --set elastic.widths=[0.25,0.5,1.0]") from None
         node = out
         parts = dotted.split(".")
         for part in parts[:-1]:
@@ -295,3 +304,28 @@ def load_recipe(path: Union[str, os.PathLike], overrides: Optional[Mapping[str, 
         return recipe_from_dict(data, source=str(path), check_paths=check_paths)
     except RecipeError as exc:
         raise RecipeError(f"{path}: {exc}") from None
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: data}
+
+
+def recipe_differences(stored: Mapping[str, Any], new: Mapping[str, Any],
+                       ignore: Sequence[str] = RESUME_FREE_KEYS) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (stored value, new value)}`` for every key where two recipe mappings differ.
+
+    Keys in ``ignore`` (and below them) may differ. Both sides go through YAML first, so a tuple and
+    a list, or a recipe and its ``recipe.yaml``, compare equal.
+    """
+    def norm(d: Mapping[str, Any]) -> dict[str, Any]:
+        return _flatten(yaml.safe_load(yaml.safe_dump(dict(d), sort_keys=True)) or {})
+
+    a, b = norm(stored), norm(new)
+    skip = tuple(ignore)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not any(k == i or k.startswith(i + ".") for i in skip)}

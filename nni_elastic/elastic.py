@@ -33,12 +33,18 @@ from . import _slicing
 from .checkpoint import PathLike, atomic_save
 from .graph import (
     GRADIENT_IMPORTANCES,
+    UNSUPPORTED_MODES,
     ChannelGraph,
+    ChannelGroup,
+    UnsupportedModuleError,
+    _warn_kept,
+    apply_permutations,
     ImportanceFn,
     build_channel_graph,
     keep_indices,
     rank_channels,
     reorder_channels,
+    unsupported_error,
 )
 
 __all__ = ["ElasticModel", "Level", "BN_MODES"]
@@ -96,7 +102,7 @@ def _channels_for(size: int, value: Union[int, float], round_to: int, where: str
     else:
         if not 1 <= value <= size:
             raise ValueError(f"{where}: {value} channels requested, the group has 1..{size}")
-        k = int(value)
+        k = int(math.ceil(int(value) / round_to)) * round_to  # grouped layers need whole blocks
     return max(min(k, size), min(round_to, size), 1)
 
 
@@ -106,8 +112,10 @@ def _saved_channels(channels: Mapping[str, int]) -> dict[str, Union[int, float]]
     return {g: (sys.float_info.min if k == 1 else k) for g, k in channels.items()}
 
 
-def _example_batch(shape: Sequence[int], device: torch.device, batch: int = 1) -> torch.Tensor:
-    return torch.zeros((batch, *shape[1:]), device=device)
+def _example_batch(
+    shape: Sequence[int], device: torch.device, batch: int = 1, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    return torch.zeros((batch, *shape[1:]), device=device, dtype=dtype)
 
 
 class ElasticModel(nn.Module):
@@ -149,6 +157,8 @@ class ElasticModel(nn.Module):
         reorder: bool = True,
         bn: str = "per_level",
         round_to: int = 1,
+        unsupported: str = "error",
+        verify: bool = True,
         data: Optional[Iterable] = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     ) -> None:
@@ -159,6 +169,8 @@ class ElasticModel(nn.Module):
             raise ValueError("model is already inside an ElasticModel; wrap the original model once")
         if bn not in BN_MODES:
             raise ValueError(f"bn={bn!r} is not supported; use one of {BN_MODES}")
+        if unsupported not in UNSUPPORTED_MODES:
+            raise ValueError(f"unsupported={unsupported!r} is not supported; use one of {UNSUPPORTED_MODES}")
         if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() < 2:
             raise ValueError("example_inputs must be a batched tensor, e.g. torch.randn(1, 3, 32, 32)")
         if int(round_to) < 1:
@@ -167,26 +179,35 @@ class ElasticModel(nn.Module):
         self.example_shape = tuple(example_inputs.shape)
         self.bn_mode = bn
         self.round_to = int(round_to)
+        self.unsupported = unsupported
         self.ignored_layers = self._ignored_names(model, ignored_layers)
-        self.graph: ChannelGraph = build_channel_graph(model, example_inputs, self.ignored_layers)
-        if not self.graph.groups:
-            raise ValueError(
-                f"{type(model).__name__} has no elastic channel group (all groups feed the output or are "
-                "ignored); nothing can shrink"
-            )
+        self.graph: ChannelGraph = build_channel_graph(model, example_inputs, self.ignored_layers, unsupported)
+        self._require_groups()
         self.levels_: list[Level] = self._make_levels(widths, levels)
+        self._state = _slicing.LevelState()
         if reorder:
             self.reorder(importance, data=data, loss_fn=loss_fn)
-        self._state = _slicing.LevelState()
         self._convert()
         self.set_level(len(self.levels_) - 1)
-        self._check_smallest_level(example_inputs)
+        if verify:
+            self.verify()
 
     # ------------------------------------------------------------------ construction
     @staticmethod
     def _ignored_names(model: nn.Module, ignored: Iterable[Union[str, nn.Module]]) -> list[str]:
         names = {m: n for n, m in model.named_modules()}
         return [names.get(x, x) if isinstance(x, nn.Module) else x for x in ignored]
+
+    def _require_groups(self) -> None:
+        if not self.graph.groups:
+            why = "".join(f"; {root!r}: {reason}" for root, reason in self.graph.problems.items())
+            raise ValueError(
+                f"{type(self.model).__name__} has no elastic channel group (all groups feed the output, are "
+                f"ignored or cannot be sliced{why}); nothing can shrink"
+            )
+
+    def _round(self, group: ChannelGroup) -> int:
+        return math.lcm(self.round_to, group.step)
 
     def _make_levels(self, widths: Sequence[float], levels: Optional[Sequence[Mapping]]) -> list[Level]:
         out: list[Level] = []
@@ -204,19 +225,19 @@ class ElasticModel(nn.Module):
                         )
             return out
         for i, w in enumerate(_check_widths(widths)):
-            chans = {g.name: _channels_for(g.size, w, self.round_to, f"widths[{i}]") for g in self.graph.groups}
+            chans = {g.name: _channels_for(g.size, w, self._round(g), f"widths[{i}]") for g in self.graph.groups}
             out.append(Level(i, w, chans))
         return out
 
     def _channels_from_dict(self, spec: Mapping[str, Union[int, float]], where: str) -> dict[str, int]:
         if not isinstance(spec, Mapping):
             raise ValueError(f"{where} must be a dict {{group: width}}, got {type(spec).__name__}")
-        names = set(self.graph.names)
+        names = set(self.graph.names) | set(self.graph.fixed)
         unknown = [k for k in spec if k not in names]
         if unknown:
             raise ValueError(f"{where}: unknown channel group(s) {unknown}; groups of this model: {self.graph.names}")
         return {
-            g.name: _channels_for(g.size, spec[g.name], self.round_to, f"{where}[{g.name!r}]") if g.name in spec else g.size
+            g.name: _channels_for(g.size, spec[g.name], self._round(g), f"{where}[{g.name!r}]") if g.name in spec else g.size
             for g in self.graph.groups
         }
 
@@ -228,11 +249,14 @@ class ElasticModel(nn.Module):
         loss_fn: Callable = F.cross_entropy,
         prefix: Optional[Mapping[str, int]] = None,
     ) -> dict[str, torch.Tensor]:
-        """Rank channels and move the important ones first (function-preserving).
+        """Rank channels and move the important ones first (function-preserving, and checked).
 
-        With ``prefix={group: k}`` only the first ``k`` channels of each group are reordered, so
+        With ``prefix={group: k}`` only the channels a level of ``k`` keeps are reordered, so
         the channels of larger levels outside the prefix keep their places. Per-level BatchNorm
-        statistics move with their channels.
+        statistics move with their channels. The full model's outputs are compared before and
+        after on a fixed batch; a group whose reorder changes them (an op torch-pruning traces as
+        a plain channel map, such as a channel shuffle) is put back and refused, or kept at full
+        width with ``unsupported="keep"``.
         """
         needs_grad = isinstance(importance, str) and importance in GRADIENT_IMPORTANCES
         if needs_grad:
@@ -241,13 +265,52 @@ class ElasticModel(nn.Module):
             self._accumulate_grads(data, loss_fn)
         try:
             scores = rank_channels(self.graph, importance)
-            return reorder_channels(self.model, self.graph, scores, prefix)
         finally:
             if needs_grad:
                 self.model.zero_grad(set_to_none=True)
+        with self._full_eval():
+            before = self._probe()
+            perms = reorder_channels(self.model, self.graph, scores, prefix)
+            if _close(self._probe(), before):
+                return perms
+            bad = self._bad_reorders(perms, before)
+        if not bad:  # float32 noise only: the float64 comparison found every group exact
+            return perms
+        reasons = {name: self._reorder_reason(name) for name in bad}
+        if self.unsupported == "error":
+            raise unsupported_error(reasons)
+        for name, reason in reasons.items():
+            self._demote(name, reason)
+        return {k: v for k, v in perms.items() if k not in bad}
+
+    def _reorder_reason(self, name: str) -> str:
+        g = self.graph.group(name)
+        ops = f" (its trace holds {', '.join(g.ops)} ops)" if g.ops else ""
+        return (
+            f"reordering channel group {name!r} changes the model's output{ops}: torch-pruning traces an op between "
+            f"its members (e.g. a channel shuffle through view/transpose) as a plain channel map; members "
+            f"{sorted({m.module for m in g.members})[:6]}"
+        )
+
+    def _bad_reorders(self, perms: Mapping[str, torch.Tensor], before: torch.Tensor) -> list[str]:
+        """Undo every reorder, then redo them one group at a time in float64: the groups that break the function."""
+        inverse = {name: torch.argsort(p) for name, p in perms.items()}
+        apply_permutations(self.model, self.graph, inverse)
+        with _as_float64(self.model):
+            reference = self._probe()
+            bad = []
+            for name, perm in perms.items():
+                if torch.equal(perm, torch.arange(len(perm))):
+                    continue
+                apply_permutations(self.model, self.graph, {name: perm})
+                if _close(self._probe(), reference, rtol=1e-9):
+                    continue
+                bad.append(name)
+                apply_permutations(self.model, self.graph, {name: inverse[name]})
+        return bad
 
     def _accumulate_grads(self, data: Iterable, loss_fn: Callable, max_batches: int = 8) -> None:
-        device = next(self.model.parameters()).device
+        device = self._device()
         self.model.zero_grad(set_to_none=True)
         # ranking must not change the function: train-mode forwards would move BN running statistics
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
@@ -266,59 +329,192 @@ class ElasticModel(nn.Module):
         modules = {name for name, _ in self.graph.dims}
         # BatchNorms outside elastic groups (after an ignored or output-coupled layer) still see
         # level-dependent inputs: they get per-level statistics too, at full width
-        modules |= {
-            name
-            for name, m in self.model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
-        }
+        modules |= {name for name, m in self.model.named_modules() if _slicing.wants_level_rows(m)}
         modules = sorted(modules)
         rows = len(self.levels_) + 1 if self.bn_mode == "per_level" else 1
         for name in modules:
-            _slicing.make_sliced(self.model.get_submodule(name), self._state, rows)
+            _slicing.make_sliced(self.model.get_submodule(name), self._state, len(self.levels_) + 1, rows)
         self._sliced_names = modules
-        for name in modules:
-            self.model.get_submodule(name)._ne_specs = [None] * (len(self.levels_) + 1)
+        self._set_all_specs()
+
+    def _set_all_specs(self) -> None:
         for level in self.levels_:
             self._set_spec(level.index, level.channels)
-        self._set_spec(len(self.levels_), self.levels_[-1].channels)  # the slot for ad-hoc widths
+        self._set_spec(len(self.levels_), getattr(self, "_custom_channels", None) or self.levels_[-1].channels)
 
     def _set_spec(self, slot: int, channels: Mapping[str, int]) -> None:
+        for name, spec in self._specs(channels).items():
+            _slicing.set_specs(self.model.get_submodule(name), slot, spec)
+
+    def _specs(self, channels: Mapping[str, int]) -> dict[str, _slicing.SliceSpec]:
+        """How every sliced module runs at a level ``{group: k}``."""
         with torch.inference_mode(False):  # selectors made under inference mode could not train later
             keep = keep_indices(self.graph, channels)
+            by_module: dict[str, list[tuple[str, Any]]] = {}
+            for (name, dim), sel in keep.items():
+                by_module.setdefault(name, []).append((dim, sel))
+            specs = {}
             for name in self._sliced_names:
                 module = self.model.get_submodule(name)
-                device = module.weight.device if module.weight is not None else module.level_running_mean.device
-                sels = []
-                for dim in ("out", "in"):
-                    sel = keep.get((name, dim))
-                    if sel is not None and not isinstance(sel, int):
+                device = _module_device(module)
+                tensors: dict[str, list[tuple[int, Any]]] = {}
+                attrs: dict[str, Any] = {}
+                stats = None
+                for dim, sel in by_module.get(name, ()):
+                    full = self.graph.dims[(name, dim)]
+                    if isinstance(sel, int) and sel == full:
+                        continue
+                    count = sel if isinstance(sel, int) else int(sel.numel())
+                    if not isinstance(sel, int):
                         sel = sel.to(device)
-                    sels.append(None if isinstance(sel, int) and sel == self.graph.dims.get((name, dim)) else sel)
-                module._ne_specs[slot] = tuple(sels)
+                    if dim.startswith("param:"):
+                        tensors.setdefault(dim.split(":", 1)[1], []).append((self.graph.axes[(name, dim)], sel))
+                        continue
+                    blocks = _slicing.channel_blocks(module, dim)
+                    for tname, axis in _slicing.channel_tensors(module, dim):
+                        if dim == "in" and blocks > 1:  # grouped conv: each block keeps its first count/blocks inputs
+                            tensors.setdefault(tname, []).append((axis, count // blocks))
+                        else:
+                            tensors.setdefault(tname, []).append((axis, sel))
+                    if _slicing.has_level_rows(module):
+                        stats = sel
+                    attrs.update(_slicing.channel_attrs(module, dim, count))
+                specs[name] = _slicing.SliceSpec(
+                    tuple((t, tuple(sels)) for t, sels in tensors.items()), attrs, stats
+                )
+        return specs
 
-    def _check_smallest_level(self, example_inputs: torch.Tensor) -> None:
-        was_training = self.model.training
+    def _demote(self, name: str, reason: str) -> None:
+        """Keep group ``name`` at full width from now on (logged and warned, as for ``unsupported="keep"``)."""
+        _warn_kept({name: reason})
+        self.graph.demote(name, reason)
+        self._require_groups()
+        for level in self.levels_:
+            level.channels.pop(name, None)
+            level.macs = level.params = None
+        if getattr(self, "_custom_channels", None):
+            self._custom_channels.pop(name, None)
+        if getattr(self, "_sliced_names", None):
+            self._set_all_specs()
+
+    # ------------------------------------------------------------------ self-check
+    def _probe_input(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(self.example_shape, generator=gen)
+        return x.to(device=self._device(), dtype=_module_dtype(self.model))
+
+    @torch.no_grad()
+    def _probe(self, module: Optional[nn.Module] = None) -> torch.Tensor:
+        out = (module if module is not None else self.model)(self._probe_input())
+        return _first_tensor(out).detach()
+
+    @contextlib.contextmanager
+    def _full_eval(self) -> Iterator[None]:
+        modes = {m: m.training for m in self.model.modules()}
+        previous = (self._state.index, self._state.bn_row)
+        self.model.eval()
+        if getattr(self, "_sliced_names", None):
+            self._state.index = len(self.levels_) - 1
+            self._state.bn_row = self._state.index if self.bn_mode == "per_level" else 0
         try:
-            with self.use_level(0), torch.no_grad():
-                self.model.eval()
-                self.model(example_inputs.to(self._device()))
-        except Exception as exc:
-            raise ValueError(
-                f"the sliced forward of the smallest level fails ({type(exc).__name__}: {exc}); some code in "
-                f"{type(self.model).__name__}.forward depends on a fixed channel count; keep those channels at "
-                "full width with ignored_layers=[<module path>]"
-            ) from exc
+            yield
         finally:
-            self.model.train(was_training)
+            self._state.index, self._state.bn_row = previous
+            for m, mode in modes.items():
+                m.train(mode)
+
+    def verify(self) -> None:
+        """Check every level against its physically pruned export on a fixed batch (eval mode).
+
+        A level that differs (beyond float32 noise, confirmed in float64) or whose forward fails
+        means some group cannot be sliced as traced: the groups responsible are found one at a
+        time and refused with :class:`UnsupportedModuleError` naming them, or kept at full width
+        with ``unsupported="keep"``. Runs after wrapping; MACs and params are counted on the way.
+        """
+        while True:
+            bad = self._failing_level()
+            if bad is None:
+                return
+            level, error = bad
+            culprits = self._culprits(level)
+            if not culprits:
+                raise UnsupportedModuleError(
+                    f"level {level} of {type(self.model).__name__} differs from its export ({error}) and no single "
+                    "channel group explains it; wrap with ignored_layers=[...] to keep suspect layers at full width"
+                )
+            reasons = {name: self._level_reason(name, error) for name in culprits}
+            if self.unsupported == "error":
+                raise unsupported_error(reasons)
+            for name, reason in reasons.items():
+                self._demote(name, reason)
+
+    def _level_reason(self, name: str, error: str) -> str:
+        g = self.graph.group(name)
+        kinds = sorted({f"{m.module} ({_slicing.original_type(self.model.get_submodule(m.module)).__name__})"
+                        for m in g.members})
+        return (
+            f"shrunk, it fails or differs from its export, torch-pruning's pruned copy ({error}; does some forward "
+            f"depend on a fixed channel count?); members {kinds[:6]}"
+        )
+
+    def _failing_level(self) -> Optional[tuple[int, str]]:
+        for level in self.levels_:
+            error = self._compare_with_export(level.channels, level)
+            if error is not None:
+                return level.index, error
+        return None
+
+    def _compare_with_export(self, channels: Mapping[str, int], level: Optional[Level] = None) -> Optional[str]:
+        """``None`` if the sliced level equals its export on the probe batch, else what went wrong."""
+        try:
+            with self._full_eval(), self.use_level(dict(channels)):
+                sliced = self._probe()
+                exported = self.export()
+                if level is not None and level.macs is None:
+                    macs, params = tp.utils.count_ops_and_params(exported, _example_batch(self.example_shape, self._device()))
+                    level.macs, level.params = int(macs), int(params)
+                plain = self._probe(exported)
+                if _close(sliced, plain):
+                    return None
+                with _as_float64(self.model), _as_float64(exported):
+                    if _close(self._probe(), self._probe(exported), rtol=1e-9):
+                        return None
+                    return f"max relative difference {_rel_err(self._probe(), self._probe(exported)):.2e}"
+        except UnsupportedModuleError:
+            raise
+        except Exception as exc:  # a forward or torch-pruning's pruning fails at this width
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+    def _culprits(self, level: int) -> list[str]:
+        """The groups that, shrunk alone to ``level``'s width, make the level disagree with its export."""
+        channels = self.levels_[level].channels
+        shrunk = [g.name for g in self.graph.groups if channels[g.name] < g.size]
+        full = {g.name: g.size for g in self.graph.groups}
+
+        def fails(names: list[str]) -> bool:
+            return self._compare_with_export({**full, **{n: channels[n] for n in names}}) is not None
+
+        found: list[str] = []
+
+        def search(names: list[str]) -> None:  # bisection: few exports when few groups fail
+            if not names or not fails(names):
+                return
+            if len(names) == 1:
+                found.append(names[0])
+                return
+            half = len(names) // 2
+            search(names[:half])
+            search(names[half:])
+
+        search(shrunk)
+        return found
 
     def _apply(self, fn, *args, **kwargs):  # keep index selectors on the parameters' device
         super()._apply(fn, *args, **kwargs)
         for name in getattr(self, "_sliced_names", ()):
             module = self.model.get_submodule(name)
-            ref = module.weight if module.weight is not None else module.level_running_mean
-            module._ne_specs = [
-                tuple(s.to(ref.device) if isinstance(s, torch.Tensor) else s for s in spec) for spec in module._ne_specs
-            ]
+            device = _module_device(module)
+            module._ne_specs = [spec.to(device) for spec in module._ne_specs]
         return self
 
     def _device(self) -> torch.device:
@@ -351,7 +547,7 @@ class ElasticModel(nn.Module):
         if isinstance(level, int):
             return dict(self.levels_[self._index(level)].channels)
         if isinstance(level, float):
-            return {g.name: _channels_for(g.size, level, self.round_to, "width") for g in self.graph.groups}
+            return {g.name: _channels_for(g.size, level, self._round(g), "width") for g in self.graph.groups}
         return self._channels_from_dict(level, "level")
 
     def _index(self, level: int) -> int:
@@ -388,15 +584,13 @@ class ElasticModel(nn.Module):
                 return level.index
         return len(self.levels_) - 1
 
-    def _bn_modules(self) -> list[_slicing.SlicedBatchNorm]:
-        return [m for m in self.model.modules() if isinstance(m, _slicing.SlicedBatchNorm)]
+    def _bn_modules(self) -> list[nn.Module]:
+        """Modules holding per-level BatchNorm statistics rows."""
+        return [m for m in self.model.modules() if _slicing.has_level_rows(m)]
 
     def _copy_bn_row(self, src: int, dst: int) -> None:
-        with torch.no_grad():
-            for m in self._bn_modules():
-                m.level_running_mean[dst].copy_(m.level_running_mean[src])
-                m.level_running_var[dst].copy_(m.level_running_var[src])
-                m.level_num_batches_tracked[dst].copy_(m.level_num_batches_tracked[src])
+        for m in self._bn_modules():
+            _slicing.copy_row(m, src, dst)
 
     @contextlib.contextmanager
     def use_level(self, level: LevelLike) -> Iterator["ElasticModel"]:
@@ -407,8 +601,7 @@ class ElasticModel(nn.Module):
         custom = getattr(self, "_custom_channels", None) if previous[0] == slot else None
         rows = None
         if custom is not None and self.bn_mode == "per_level":
-            rows = [(m.level_running_mean[slot].clone(), m.level_running_var[slot].clone(),
-                     m.level_num_batches_tracked[slot].clone()) for m in self._bn_modules()]
+            rows = [_slicing.snapshot_row(m, slot) for m in self._bn_modules()]
         self.set_level(level)
         try:
             yield self
@@ -416,11 +609,8 @@ class ElasticModel(nn.Module):
             if custom is not None and self._custom_channels != custom:
                 self._set_spec(slot, custom)
                 self._custom_channels = custom
-                with torch.no_grad():
-                    for m, (mean, var, count) in zip(self._bn_modules(), rows or ()):
-                        m.level_running_mean[slot].copy_(mean)
-                        m.level_running_var[slot].copy_(var)
-                        m.level_num_batches_tracked[slot].copy_(count)
+                for m, saved in zip(self._bn_modules(), rows or ()):
+                    _slicing.restore_row(m, slot, saved)
             self._state.index, self._state.bn_row = previous
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -433,25 +623,22 @@ class ElasticModel(nn.Module):
         only the channels a level adds on top of a smaller one, and to check nesting.
         """
         channels = self.channels_of(level) if not isinstance(level, Mapping) else self._channels_from_dict(level, "level")
-        keep = keep_indices(self.graph, channels)
+        specs = self._specs(channels)
         masks: dict[str, torch.Tensor] = {}
         for mod_name, module in self.model.named_modules():
+            sliced = dict(specs[mod_name].tensors) if mod_name in specs else {}
             for p_name, p in module.named_parameters(recurse=False):
                 full = f"{mod_name}.{p_name}" if mod_name else p_name
-                mask = torch.ones_like(p, dtype=torch.bool)
-                for axis, dim in ((0, "out"), (1, "in")):
-                    sel = keep.get((mod_name, dim))
-                    if sel is None or p.dim() <= axis or (dim == "in" and p.dim() < 2):
-                        continue
-                    keep_axis = torch.zeros(p.shape[axis], dtype=torch.bool, device=p.device)
-                    if isinstance(sel, int):
-                        keep_axis[:sel] = True
-                    else:
-                        keep_axis[sel.to(p.device)] = True
-                    shape = [1] * p.dim()
-                    shape[axis] = -1
-                    mask &= keep_axis.view(shape)
-                masks[full] = mask
+                if not sliced.get(p_name):
+                    masks[full] = torch.ones_like(p, dtype=torch.bool)
+                    continue
+                # slice an index grid exactly as the forward slices the parameter
+                grid = torch.arange(p.numel(), device=p.device).view(p.shape)
+                for axis, sel in sliced[p_name]:
+                    grid = _slicing.take(grid, sel.to(p.device) if isinstance(sel, torch.Tensor) else sel, axis)
+                used = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+                used[grid.reshape(-1)] = True
+                masks[full] = used.view(p.shape)
         return masks
 
     # ------------------------------------------------------------------ BatchNorm
@@ -472,9 +659,7 @@ class ElasticModel(nn.Module):
         with context:
             row = self._state.bn_row
             for m in bns:
-                m.level_running_mean[row].zero_()
-                m.level_running_var[row].fill_(1.0)
-                m.level_num_batches_tracked[row].zero_()
+                _slicing.reset_row(m, row)
                 m.momentum = None
             self.model.eval()
             for m in bns:
@@ -515,21 +700,30 @@ class ElasticModel(nn.Module):
                 return self.export()
         # torch-pruning traces through autograd, and the copy must hold normal (not inference) tensors
         with torch.inference_mode(False), torch.enable_grad():
-            plain = copy.deepcopy(self.model)
-            for m in plain.modules():
-                _slicing.make_plain(m, row)
-            if hasattr(plain, "nni_elastic_arch"):
-                plain.nni_elastic_arch = copy.deepcopy(plain.nni_elastic_arch)
-            example = _example_batch(self.example_shape, self._device())
+            plain = self.plain_copy(row)
+            example = _example_batch(self.example_shape, self._device(), dtype=_module_dtype(plain))
             dg = tp.DependencyGraph().build_dependency(plain, example_inputs=example, verbose=False)
             for g in self.graph.groups:
                 k = channels[g.name]
                 if k < g.size:
                     root = plain.get_submodule(g.name)
                     pruner = dg.get_pruner_of_module(root)
-                    dg.get_pruning_group(root, pruner.prune_out_channels, list(range(k, g.size))).prune()
+                    dg.get_pruning_group(root, pruner.prune_out_channels, sorted(g.order[k:])).prune()
         plain.nni_elastic_channels = dict(channels)
         return plain.eval()
+
+    def plain_copy(self, bn_row: Optional[int] = None) -> nn.Module:
+        """A full-width deep copy of the wrapped model with its own classes and one row of BatchNorm statistics.
+
+        ``bn_row`` defaults to the active level's row.
+        """
+        row = self._state.bn_row if bn_row is None else bn_row
+        plain = copy.deepcopy(self.model)
+        for m in plain.modules():
+            _slicing.make_plain(m, row)
+        if hasattr(plain, "nni_elastic_arch"):
+            plain.nni_elastic_arch = copy.deepcopy(plain.nni_elastic_arch)
+        return plain
 
     def count(self, level: Optional[LevelLike] = None) -> tuple[int, int]:
         """(MACs, params) of a level at batch 1, counted by torch-pruning on its export."""
@@ -623,91 +817,55 @@ class ElasticModel(nn.Module):
         return fits[-1]
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: PathLike, **metadata: Any) -> None:
-        """Write the model, its levels and ``metadata`` atomically to ``path``.
+    def init_config(self) -> dict[str, Any]:
+        """Constructor keywords (JSON-able) that rebuild this wrapper around the same weights.
 
-        Models from ``nni_elastic.models.create_model`` are stored as weights + architecture and
-        load with ``torch.load(weights_only=True)``; other models are also pickled
-        whole (as bytes inside the file, which still loads with ``weights_only=True``).
+        ``ElasticModel(model, torch.zeros(example_shape), reorder=False, **em.init_config())``
+        recreates the levels and slicing of ``em`` on a model holding ``em.model.state_dict()``.
         """
-        arch = getattr(self.model, "nni_elastic_arch", None)
-        payload: dict[str, Any] = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "arch": copy.deepcopy(arch),
-            "example_shape": list(self.example_shape),
+        # groups found unsliceable are kept at full width on reload too (their roots are module paths)
+        kept = [root for root in self.graph.problems if root not in self.ignored_layers]
+        return {
+            "levels": [_saved_channels(lv.channels) for lv in self.levels_],
             "bn": self.bn_mode,
             "round_to": self.round_to,
-            "ignored_layers": list(self.ignored_layers),
-            "levels": [asdict(lv) for lv in self.levels_],
-            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "metadata": metadata,
+            "ignored_layers": list(self.ignored_layers) + kept,
+            "unsupported": self.unsupported,
         }
-        if arch is None:
-            plain = copy.deepcopy(self.model).cpu()
-            for m in plain.modules():
-                _slicing.make_plain(m, 0)
-            # pickled into bytes, so the file itself still loads with ``weights_only=True``
-            # (``load(path, model=...)`` never unpickles it)
-            buffer = io.BytesIO()
-            torch.save(plain, buffer)
-            payload["module"] = buffer.getvalue()
-        atomic_save(payload, path)
+
+    def save(self, path: PathLike, *, pickle_model: bool = False, **metadata: Any) -> None:
+        """Write the architecture, levels, weights and ``metadata`` atomically to ``path`` (no pickled code).
+
+        A zoo model is stored as its registry name and keywords, any other model as weights only
+        (load it with ``load(path, model=...)``); ``pickle_model=True`` also stores it pickled,
+        which only ``load(path, trust=True)`` unpickles. Format: :mod:`nni_elastic.checkpoint`.
+        """
+        from .checkpoint import save_elastic
+
+        save_elastic(self, path, metadata, pickle_model=pickle_model)
 
     @classmethod
-    def load(cls, path: PathLike, *, model: Optional[nn.Module] = None, map_location: Any = "cpu") -> "ElasticModel":
-        """Load a checkpoint written by :meth:`save`.
+    def load(cls, path: PathLike, *, model: Optional[nn.Module] = None, trust: bool = False,
+             map_location: Any = "cpu") -> "ElasticModel":
+        """Load a checkpoint written by :meth:`save`; the file is read with ``weights_only=True``.
 
         Args:
             path: the checkpoint file.
-            model: a freshly built instance of the same architecture (for models not built by
-                ``create_model``); lets the file be read with ``weights_only=True``.
+            model: a new instance of the architecture, for models outside the zoo.
+            trust: unpickle a model stored with ``save(pickle_model=True)``; this runs code from
+                the file, so only for files you wrote yourself.
             map_location: passed to ``torch.load``.
         """
-        from pathlib import Path
+        from .checkpoint import load_elastic
 
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"elastic checkpoint {str(path)!r} does not exist")
-        try:
-            payload = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:  # a whole pickled custom model needs the full unpickler
-            if model is not None:
-                raise ValueError(f"{path}: cannot be read with weights_only=True: {exc}") from exc
-            logger.info("%s holds a pickled model; loading with weights_only=False", path)
-            payload = torch.load(path, map_location=map_location, weights_only=False)
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise ValueError(f"{path} is not an nni-elastic checkpoint (no {FORMAT!r} format tag)")
-        if payload["version"] > FORMAT_VERSION:
-            raise ValueError(f"{path} has format version {payload['version']}; this nni-elastic reads up to {FORMAT_VERSION}")
-        if model is None:
-            if payload.get("arch") is not None:
-                from .models import create_model
+        return load_elastic(cls, path, model=model, trust=trust, map_location=map_location)
 
-                arch = payload["arch"]
-                model = create_model(arch["name"], **arch["kwargs"])
-            elif "module" in payload:
-                model = payload["module"]
-                if isinstance(model, bytes):
-                    logger.info("%s: unpickling the stored model (load only files you trust)", path)
-                    model = torch.load(io.BytesIO(model), map_location=map_location, weights_only=False)
-            else:
-                raise ValueError(f"{path}: no architecture recorded; pass model=<a new instance of the architecture>")
-        model = model.to(map_location) if map_location is not None and not callable(map_location) else model
-        saved = payload["levels"]
-        em = cls(
-            model,
-            torch.zeros(payload["example_shape"]),
-            levels=[_saved_channels(lv["channels"]) for lv in saved],
-            reorder=False,
-            bn=payload["bn"],
-            round_to=payload.get("round_to", 1),
-            ignored_layers=payload["ignored_layers"],
-        )
-        em.model.load_state_dict(payload["state_dict"])
-        for level, lv in zip(em.levels_, saved):
-            level.width, level.macs, level.params = lv["width"], lv["macs"], lv["params"]
-        em.metadata = payload.get("metadata", {})
-        return em
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, with one clear line when ``state_dict`` has another number of levels."""
+        from .checkpoint import check_level_rows
+
+        check_level_rows(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def describe(self) -> list[dict[str, Any]]:
         """One row per level: index, width, MACs, params, MAC ratio to the largest level, latency."""
@@ -741,3 +899,57 @@ def _median_ms(run: Callable[[], Any], repeats: int, warmup: int, device: torch.
         sync()
         times.append((time.perf_counter() - start) * 1000.0)
     return statistics.median(times)
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    """The first tensor of a model output (a tensor, or a tuple/list/dict holding tensors)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    items = out.values() if isinstance(out, Mapping) else out if isinstance(out, (list, tuple)) else ()
+    for item in items:
+        try:
+            return _first_tensor(item)
+        except TypeError:
+            continue
+    raise TypeError(f"the model returned {type(out).__name__}, which holds no tensor to compare")
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return math.inf
+    a, b = a.double(), b.double()
+    finite = torch.isfinite(b)
+    if not torch.equal(finite, torch.isfinite(a)):
+        return math.inf
+    scale = float(b[finite].abs().max()) if finite.any() else 0.0
+    err = float((a - b)[finite].abs().max()) if finite.any() else 0.0
+    return err / max(scale, 1e-30) if err > 0 else 0.0
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> bool:
+    """Equal up to ``rtol`` of the output scale (the largest magnitude of ``b``)."""
+    return _rel_err(a, b) <= rtol
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+        return t.device
+    return torch.device("cpu")
+
+
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+@contextlib.contextmanager
+def _as_float64(module: nn.Module) -> Iterator[None]:
+    """Run a model in float64 for a moment (float32 -> float64 -> float32 is exact)."""
+    dtype = _module_dtype(module)
+    module.to(torch.float64)
+    try:
+        yield
+    finally:
+        module.to(dtype)

@@ -15,13 +15,17 @@ Example:
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence, Union
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from torch.nn.utils import parametrize
 from torch_pruning import ops
+
+from . import _slicing
 
 from ._registry import Registry
 
@@ -35,15 +39,34 @@ __all__ = [
     "create_importance",
     "rank_channels",
     "reorder_channels",
+    "apply_permutations",
     "keep_indices",
+    "unsupported_error",
+    "UNSUPPORTED_MODES",
 ]
 
 logger = logging.getLogger(__name__)
 
 # Ops that carry channels through without parameters of their own.
 _PASS_THROUGH = {ops.OPTYPE.CONCAT, ops.OPTYPE.ELEMENTWISE, ops.OPTYPE.RESHAPE, ops.OPTYPE.EXPAND}
-_SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
-SUPPORTED_TEXT = "Conv1d, Conv2d (groups=1 or depthwise), Linear, BatchNorm1d, BatchNorm2d"
+# Ops whose channel mapping torch-pruning gets wrong or our sliced forward cannot follow (the user's
+# forward holds literal sizes); their groups are refused, or kept at full width on request.
+_CHANNEL_OPS = {ops.OPTYPE.SPLIT: "split/chunk", ops.OPTYPE.SLICE: "slice", ops.OPTYPE.UNBIND: "unbind"}
+_SUPPORTED = (
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.modules.batchnorm._NormBase,  # BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.PReLU,
+)
+_ROOTS = (nn.modules.conv._ConvNd, nn.Linear)
+SUPPORTED_TEXT = (
+    "Conv1d/2d/3d and ConvTranspose1d/2d/3d (any groups), Linear, BatchNorm1d/2d/3d, InstanceNorm, GroupNorm, "
+    "LayerNorm, PReLU, their subclasses, and bare parameters read by a module's forward"
+)
+#: how a group may be kept at full width instead of refusing the model
+UNSUPPORTED_MODES = ("error", "keep")
 
 
 class UnsupportedModuleError(ValueError):
@@ -56,33 +79,61 @@ class Member:
 
     Attributes:
         module: dotted module path inside the model.
-        dim: ``"out"`` (output channels; BatchNorm and depthwise convs only have this) or ``"in"``.
+        dim: ``"out"`` (output channels; norms and depthwise convs only have this), ``"in"``, or
+            ``"param:<name>"`` for a bare parameter of ``module`` read by its forward.
         positions: ``positions[r]`` lists the indices this member uses for root channel ``r``
             (more than one when a flatten spreads a channel over several features).
+        axis: the tensor axis of a bare parameter member (``None`` otherwise).
     """
 
     module: str
     dim: str
     positions: tuple[tuple[int, ...], ...]
+    axis: Optional[int] = None
 
 
 @dataclass
 class ChannelGroup:
-    """A set of coupled channels, named after its root module (the first producer found)."""
+    """A set of coupled channels, named after its root module (the first producer found).
+
+    A level keeps the root channels ``order[:k]``, with ``k`` a multiple of ``step``. The order is
+    the identity unless a grouped convolution or a GroupNorm splits the channels into blocks: then
+    it visits the blocks in turn, so every level keeps the same number of channels in each block.
+    """
 
     name: str
     size: int
     members: list[Member]
     tp_group: object = field(default=None, repr=False, compare=False)
+    order: list[int] = field(default_factory=list)
+    step: int = 1
+    cells: list[list[int]] = field(default_factory=list, repr=False)
+    ops: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.order:
+            self.order = list(range(self.size))
+        if not self.cells:
+            self.cells = [list(range(self.size))]
 
 
 @dataclass
 class ChannelGraph:
-    """The elastic channel groups of a model plus the full size of every sliced dimension."""
+    """The elastic channel groups of a model plus the full size of every sliced dimension.
+
+    Attributes:
+        groups: the elastic groups.
+        dims: full size of every sliced ``(module, dim)``.
+        fixed: roots of groups kept at full width (output-coupled, ignored, or unsupported).
+        problems: ``{root: reason}`` for the groups kept at full width because they cannot be
+            sliced (only with ``unsupported="keep"``).
+    """
 
     groups: list[ChannelGroup]
     dims: dict[tuple[str, str], int]
     fixed: list[str]
+    problems: dict[str, str] = field(default_factory=dict)
+    axes: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def group(self, name: str) -> ChannelGroup:
         for g in self.groups:
@@ -94,6 +145,20 @@ class ChannelGraph:
     @property
     def names(self) -> list[str]:
         return [g.name for g in self.groups]
+
+    def demote(self, name: str, reason: str) -> None:
+        """Keep group ``name`` at full width from now on (it can no longer shrink)."""
+        self.groups = [g for g in self.groups if g.name != name]
+        self.fixed.append(name)
+        self.problems[name] = reason
+        self._index_dims()
+
+    def _index_dims(self) -> None:
+        sizes = dict(self.dims)
+        self.dims = {}
+        for g in self.groups:
+            for m in g.members:
+                self.dims[(m.module, m.dim)] = sizes[(m.module, m.dim)]
 
 
 def _module_names(model: nn.Module) -> dict[object, str]:
@@ -132,42 +197,45 @@ def _member_dim(dg: tp.DependencyGraph, module: nn.Module, handler: Callable) ->
     return "out" if handler == pruner.prune_out_channels else "in"
 
 
-def _check_module(name: str, module: object, root: str, model: nn.Module | None = None) -> None:
-    fix = (
-        f"keep this group at full width with ElasticModel(..., ignored_layers=[{root!r}])"
-        f" (supported inside elastic groups: {SUPPORTED_TEXT})"
-    )
-    if isinstance(module, nn.Parameter):
-        owner_path = name.rpartition(".")[0]
-        owner = model.get_submodule(owner_path) if model is not None else None
-        where = f"of module {owner_path!r} ({type(owner).__name__})" if owner_path and owner is not None else "of the model"
-        raise UnsupportedModuleError(
-            f"parameter {name!r} {where} is a bare nn.Parameter used in forward; it is coupled to channel "
-            f"group {root!r} and cannot be sliced; {fix}, or wrap it in a supported layer"
-        )
+_KNOWN_TENSORS = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
+def _module_problem(name: str, module: object) -> Optional[str]:
+    """Why ``module`` cannot be sliced inside an elastic group, or ``None`` if it can."""
+    kind = type(module).__name__
     if not isinstance(module, _SUPPORTED):
-        raise UnsupportedModuleError(
-            f"module {name!r} ({type(module).__name__}) is coupled to channel group {root!r} and "
-            f"cannot be sliced; {fix}"
+        return f"module {name!r} ({kind}) is not a layer nni-elastic can slice (supported: {SUPPORTED_TEXT})"
+    if parametrize.is_parametrized(module) or any(
+        hasattr(module, f"{p}_{suffix}") for p in ("weight",) for suffix in ("g", "v", "orig")
+    ):
+        return (
+            f"module {name!r} ({kind}) has a parametrized weight (weight_norm / spectral_norm); remove it with "
+            "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') (or nn.utils.remove_weight_norm) "
+            "before wrapping"
         )
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        depthwise = module.groups == module.out_channels == module.in_channels
-        if module.groups != 1 and not depthwise:
-            raise UnsupportedModuleError(
-                f"module {name!r} ({type(module).__name__}, groups={module.groups}) is a grouped "
-                f"convolution; only groups=1 and depthwise convolutions can be sliced; {fix}"
+    extra = [n for n, _ in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))]
+    extra = [n for n in extra if n not in _KNOWN_TENSORS]
+    if extra:
+        return (
+            f"module {name!r} ({kind}) holds its own tensors {extra} besides weight/bias; nni-elastic does not know "
+            "how its forward indexes them by channel"
+        )
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not _slicing.is_depthwise(module):
+        if module.groups == module.out_channels or module.groups == module.in_channels:
+            return (
+                f"module {name!r} ({kind}, groups={module.groups}, in={module.in_channels}, out={module.out_channels}) "
+                "is a depthwise convolution with a channel multiplier; torch-pruning cannot prune it"
             )
-        if module.padding_mode != "zeros":
-            raise UnsupportedModuleError(
-                f"module {name!r} ({type(module).__name__}) uses padding_mode="
-                f"{module.padding_mode!r}; only 'zeros' is supported; {fix}"
-            )
+        if module.transposed:
+            return f"module {name!r} ({kind}, groups={module.groups}) is a grouped transposed convolution"
+    return None
 
 
 def build_channel_graph(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
     ignored_layers: Iterable[Union[str, nn.Module]] = (),
+    unsupported: str = "error",
 ) -> ChannelGraph:
     """Trace ``model`` with torch-pruning and return its elastic channel groups.
 
@@ -178,11 +246,15 @@ def build_channel_graph(
         model: any CNN torch-pruning can trace.
         example_inputs: a batch (or tuple of inputs) used for tracing.
         ignored_layers: module paths (or modules) whose output channels never shrink.
+        unsupported: ``"error"`` raises on a group that cannot be sliced; ``"keep"`` keeps such
+            groups at full width and records why in ``ChannelGraph.problems``.
 
     Raises:
         UnsupportedModuleError: a module in an elastic group cannot be sliced; the message names
             its path and type and the ``ignored_layers`` entry that avoids it.
     """
+    if unsupported not in UNSUPPORTED_MODES:
+        raise ValueError(f"unsupported={unsupported!r} is not supported; use one of {UNSUPPORTED_MODES}")
     ignored = _resolve_ignored(model, ignored_layers)
     names = _module_names(model)
     was_training = model.training
@@ -193,7 +265,7 @@ def build_channel_graph(
     except Exception as exc:  # tracing runs user code; name what failed
         raise ValueError(
             f"torch-pruning could not trace {type(model).__name__} with example inputs of shape "
-            f"{_shape_of(example_inputs)}: {exc}"
+            f"{_shape_of(example_inputs)}: {type(exc).__name__}: {exc}"
         ) from exc
     finally:
         model.train(was_training)
@@ -201,16 +273,18 @@ def build_channel_graph(
     groups: list[ChannelGroup] = []
     fixed: list[str] = []
     dims: dict[tuple[str, str], int] = {}
+    axes: dict[tuple[str, str], int] = {}
     seen_out: set[str] = set()
-    problems: list[tuple[str, object]] = []  # (group root, unsupported member): reported together
+    problems: dict[str, str] = {}
     for module in list(dg.module2node):
-        if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)) or names.get(module) in seen_out:
+        if not isinstance(module, _ROOTS) or names.get(module) in seen_out:
             continue
         root = names[module]
         pruner = dg.get_pruner_of_module(module)
         size = pruner.get_out_channels(module)
         tp_group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(size)))
-        members, coupled_to_output, touches_ignored, unsupported = [], False, False, None
+        members, coupled_to_output, touches_ignored, problem = [], False, False, None
+        op_names: set[str] = set()
         for item in tp_group:
             dep, idxs, root_idxs = item.dep, item.idxs, item.root_idxs
             target = dep.target
@@ -220,51 +294,106 @@ def build_channel_graph(
             if target.type == ops.OPTYPE.OUTPUT or (terminal and (dim == "out" or target.type in _PASS_THROUGH)):
                 coupled_to_output = True
             if target.type in _PASS_THROUGH or target.type == ops.OPTYPE.OUTPUT:
+                op_names.add(target.type.name.lower())
                 continue
             if dim == "out":
                 seen_out.add(tname)
                 touches_ignored |= _under(tname, ignored)
-            if target.type in (ops.OPTYPE.SPLIT, ops.OPTYPE.SLICE, ops.OPTYPE.UNBIND):
-                unsupported = unsupported or (tname, f"channel {target.type.name.lower()} op")
+            if target.type in _CHANNEL_OPS:
+                problem = problem or (
+                    f"a channel {_CHANNEL_OPS[target.type]} op ({target.grad_fn.name() if target.grad_fn else tname}) "
+                    f"splits channel group {root!r}: torch-pruning cannot map channels through it and the model's "
+                    "forward holds the original sizes"
+                )
                 continue
-            try:
-                _check_module(tname, target.module, root, model)
-            except UnsupportedModuleError as exc:
-                unsupported = unsupported or exc
-                continue
+            if isinstance(target.module, nn.PReLU) and target.module.num_parameters == 1:
+                continue  # one shared slope: nothing to slice
+            axis = None
+            if isinstance(target.module, nn.Parameter):
+                owner, _, pname = tname.rpartition(".")
+                axis = int(dg.module2node[target.module].pruning_dim) % target.module.dim()
+                tname, dim = owner, f"param:{pname}"
+            else:
+                problem = problem or _module_problem(tname, target.module)
             positions: list[list[int]] = [[] for _ in range(size)]
             for i, r in zip(idxs, root_idxs):
                 positions[r].append(i)
-            members.append(Member(tname, dim, tuple(tuple(p) for p in positions)))
+            members.append(Member(tname, dim, tuple(tuple(p) for p in positions), axis))
         if coupled_to_output or touches_ignored:
             fixed.append(root)
             continue
-        if unsupported is not None:
-            problems.append((root, unsupported))
+        group = ChannelGroup(root, size, members, tp_group, ops=tuple(sorted(op_names)))
+        if problem is None:
+            problem = _block_order(group, model)
+        if problem is not None:
+            problems[root] = problem
+            fixed.append(root)
             continue
-        groups.append(ChannelGroup(root, size, members, tp_group))
+        groups.append(group)
         for m in members:
-            mod = model.get_submodule(m.module)
-            dims[(m.module, m.dim)] = _full_size(mod, m.dim)
+            dims[(m.module, m.dim)] = _full_size(model, m)
+            if m.axis is not None:
+                axes[(m.module, m.dim)] = m.axis
+    if problems and unsupported == "error":
+        raise unsupported_error(problems)
     if problems:
-        raise _unsupported_error(problems)
-    return ChannelGraph(groups, dims, fixed)
+        _warn_kept(problems)
+    return ChannelGraph(groups, dims, fixed, problems, axes)
 
 
-def _unsupported_error(problems: list[tuple[str, object]]) -> UnsupportedModuleError:
-    """The first problem's message, suggesting ``ignored_layers`` for every group that needs it."""
-    root, first = problems[0]
-    if isinstance(first, UnsupportedModuleError):
-        message = str(first)
-    else:
-        message = (
-            f"{first[1]} {first[0]!r} splits channel group {root!r}; elastic slicing "
-            f"needs whole groups; keep it at full width with ElasticModel(..., ignored_layers=[{root!r}])"
+def _block_order(group: ChannelGroup, model: nn.Module) -> Optional[str]:
+    """Set ``group.order``/``step``/``cells`` so every level keeps equal channels per block.
+
+    Grouped convolutions and GroupNorm split a dimension into equal blocks; torch-pruning keeps
+    their group count and prunes the same number of channels in each block, so levels must too.
+    Returns a problem if the blocks of several members cut the group into unequal cells.
+    """
+    labels: list[tuple[int, ...]] = [() for _ in range(group.size)]
+    blocked = False
+    for m in group.members:
+        if m.axis is not None:
+            continue
+        blocks = _slicing.channel_blocks(model.get_submodule(m.module), m.dim)
+        if blocks <= 1:
+            continue
+        blocked = True
+        width = _full_size(model, m) // blocks
+        for r in range(group.size):
+            labels[r] = labels[r] + ((m.positions[r][0] // width) if m.positions[r] else -1,)
+    if not blocked:
+        return None
+    cells: dict[tuple[int, ...], list[int]] = {}
+    for r, label in enumerate(labels):
+        cells.setdefault(label, []).append(r)
+    sizes = {len(c) for c in cells.values()}
+    if len(sizes) != 1:
+        blocked_members = [m.module for m in group.members if m.axis is None and m.dim != "param"]
+        return (
+            f"grouped layers cut channel group {group.name!r} into unequal blocks ({sorted(len(c) for c in cells.values())} "
+            f"channels; members {blocked_members[:6]}), so no level can keep the same number in each"
         )
-    roots = list(dict.fromkeys(r for r, _ in problems))
-    if len(roots) > 1:  # e.g. a grouped conv is in its input's group and heads its own
-        message = message.replace(f"ignored_layers=[{root!r}]", f"ignored_layers={roots!r}")
-    return UnsupportedModuleError(message)
+    group.cells = list(cells.values())
+    group.step = len(group.cells)
+    group.order = [cell[t] for t in range(sizes.pop()) for cell in group.cells]
+    return None
+
+
+def unsupported_error(problems: Mapping[str, str]) -> UnsupportedModuleError:
+    """One error for every group that cannot be sliced, with both fixes."""
+    roots = list(problems)
+    first = problems[roots[0]]
+    more = f" (and {len(roots) - 1} more group(s): {roots[1:6]})" if len(roots) > 1 else ""
+    return UnsupportedModuleError(
+        f"channel group {roots[0]!r}: {first}{more}; keep these groups at full width with "
+        f"ElasticModel(..., unsupported='keep') or ElasticModel(..., ignored_layers={roots!r})"
+    )
+
+
+def _warn_kept(problems: Mapping[str, str]) -> None:
+    lines = "; ".join(f"{root!r}: {why}" for root, why in problems.items())
+    message = f"nni-elastic keeps {len(problems)} channel group(s) at full width because they cannot be sliced: {lines}"
+    logger.warning(message)
+    warnings.warn(message, UserWarning, stacklevel=4)
 
 
 def _shape_of(inputs: object) -> object:
@@ -275,9 +404,11 @@ def _shape_of(inputs: object) -> object:
     return type(inputs).__name__
 
 
-def _full_size(module: nn.Module, dim: str) -> int:
-    weight = module.weight if getattr(module, "weight", None) is not None else module.running_mean
-    return weight.shape[0] if dim == "out" else weight.shape[1]
+def _full_size(model: nn.Module, m: Member) -> int:
+    module = model.get_submodule(m.module)
+    if m.axis is not None:
+        return getattr(module, m.dim.split(":", 1)[1]).shape[m.axis]
+    return _slicing.channel_count(module, m.dim)
 
 
 # --------------------------------------------------------------------------- importance
@@ -337,15 +468,38 @@ def rank_channels(
 # --------------------------------------------------------------------------- reorder
 
 
-def _member_tensors(module: nn.Module, dim: str) -> list[tuple[torch.Tensor, int]]:
-    """(tensor, axis) pairs that index the member's channels along ``dim``."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        out = [(t, 0) for t in (module.weight, module.bias, module.running_mean, module.running_var) if t is not None]
-        out += [(t, 1) for t in (getattr(module, "level_running_mean", None), getattr(module, "level_running_var", None)) if t is not None]
-        return out
-    if dim == "out":
-        return [(t, 0) for t in (module.weight, module.bias) if t is not None]
-    return [(module.weight, 1)]
+def _permute_member(module: nn.Module, m: Member, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Move channel ``src[i]`` of every tensor the member indexes to position ``dst[i]``."""
+    if m.axis is not None:
+        entries = [(getattr(module, m.dim.split(":", 1)[1]), m.axis)]
+    else:
+        entries = [(getattr(module, name), axis) for name, axis in _slicing.channel_tensors(module, m.dim)]
+        if _slicing.has_level_rows(module):
+            entries += [(module.level_running_mean, 1), (module.level_running_var, 1)]
+        elif getattr(module, "running_mean", None) is not None and not entries:
+            entries += [(module.running_mean, 0), (module.running_var, 0)]
+    grouped_in = m.dim == "in" and _slicing.channel_blocks(module, "in") > 1
+    with torch.no_grad():
+        for tensor, axis in entries:
+            if grouped_in:
+                _permute_grouped_in(module, tensor, axis, src, dst)
+                continue
+            moved = tensor.index_select(axis, src.to(tensor.device))
+            tensor.index_copy_(axis, dst.to(tensor.device), moved)
+
+
+def _permute_grouped_in(module: nn.Module, weight: torch.Tensor, axis: int, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Input channels of a grouped convolution: each block of outputs has its own weight columns."""
+    groups = module.groups
+    width_in = module.in_channels // groups
+    rows = weight.shape[0] // groups  # transposed grouped convolutions are refused earlier
+    for s, d in zip(src.tolist(), dst.tolist()):
+        if s // width_in != d // width_in:
+            raise UnsupportedModuleError(f"a reorder moves input channels of {type(module).__name__} across its groups")
+    view = weight.detach().clone()
+    for s, d in zip(src.tolist(), dst.tolist()):
+        rows_sel = slice((s // width_in) * rows, (s // width_in + 1) * rows)
+        weight.data[rows_sel, d % width_in] = view[rows_sel, s % width_in]
 
 
 def reorder_channels(
@@ -357,13 +511,16 @@ def reorder_channels(
     """Permute every member of every group so that channels come in descending score order.
 
     Function-preserving: the model computes the same outputs afterwards (up to float rounding).
+    Channels move only inside their block (see :class:`ChannelGroup`), so grouped convolutions
+    and GroupNorm keep their structure.
 
     Args:
         model: the traced model (modified in place).
         graph: its channel graph.
         scores: ``{group: per-channel score}`` from :func:`rank_channels`.
-        prefix: optional ``{group: k}``; only the first ``k`` channels are reordered (used to re-rank
-            inside a nested level without disturbing the channels outside it).
+        prefix: optional ``{group: k}``; only the channels a level of ``k`` channels keeps are
+            reordered (used to re-rank inside a nested level without disturbing the channels
+            outside it).
 
     Returns:
         ``{group: perm}`` where new channel ``i`` is old channel ``perm[i]``.
@@ -373,21 +530,35 @@ def reorder_channels(
         if g.name not in scores:
             continue
         k = g.size if prefix is None else int(prefix.get(g.name, g.size))
-        s = scores[g.name][:k]
-        head = torch.argsort(s, descending=True, stable=True)
-        perm = torch.cat([head, torch.arange(k, g.size)])
+        kept = set(g.order[:k])
+        s = scores[g.name]
+        perm = torch.arange(g.size)
+        for cell in g.cells:
+            head = [r for r in cell if r in kept]
+            if head:
+                ranked = sorted(head, key=lambda r: (-float(s[r]), r))
+                perm[torch.tensor(head, dtype=torch.long)] = torch.tensor(ranked, dtype=torch.long)
         perms[g.name] = perm
-        if torch.equal(perm, torch.arange(g.size)):
+    apply_permutations(model, graph, perms)
+    return perms
+
+
+def apply_permutations(model: nn.Module, graph: ChannelGraph, perms: Mapping[str, torch.Tensor]) -> None:
+    """Permute the channels of groups: new channel ``i`` of group ``g`` is old channel ``perms[g][i]``."""
+    for g in graph.groups:
+        perm = perms.get(g.name)
+        if perm is None or torch.equal(perm, torch.arange(g.size)):
             continue
         for m in g.members:
             module = model.get_submodule(m.module)
             src = torch.tensor([i for r in perm.tolist() for i in m.positions[r]], dtype=torch.long)
             dst = torch.tensor([i for r in range(g.size) for i in m.positions[r]], dtype=torch.long)
-            with torch.no_grad():
-                for tensor, axis in _member_tensors(module, m.dim):
-                    moved = tensor.index_select(axis, src.to(tensor.device))
-                    tensor.index_copy_(axis, dst.to(tensor.device), moved)
-    return perms
+            _permute_member(module, m, src, dst)
+
+
+def kept_roots(group: ChannelGroup, k: int) -> list[int]:
+    """The root channels a level keeping ``k`` channels of ``group`` keeps."""
+    return group.order[:k]
 
 
 def keep_indices(graph: ChannelGraph, channels: Mapping[str, int]) -> dict[tuple[str, str], Union[int, torch.Tensor]]:
@@ -401,7 +572,7 @@ def keep_indices(graph: ChannelGraph, channels: Mapping[str, int]) -> dict[tuple
         k = int(channels.get(g.name, g.size))
         for m in g.members:
             bucket = dropped.setdefault((m.module, m.dim), set())
-            for r in range(k, g.size):
+            for r in g.order[k:]:
                 bucket.update(m.positions[r])
     out: dict[tuple[str, str], Union[int, torch.Tensor]] = {}
     for key, full in graph.dims.items():

@@ -1,6 +1,7 @@
 """Outputs people look at: level tables, compact exports of every level, accuracy-vs-MACs plots."""
 from __future__ import annotations
 
+import io
 import sys
 import warnings
 from pathlib import Path
@@ -8,9 +9,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .checkpoint import atomic_write, atomic_save
+from .checkpoint import atomic_save, atomic_write, save_compact
 
-__all__ = ["print_table", "save_module", "save_exports", "plot_levels"]
+__all__ = ["print_table", "save_module", "save_exports", "plot_levels", "EXPORT_FORMATS", "DEFAULT_EXPORTS"]
+
+# "torch" pickles the module: loading it runs code, so it is written only on request
+EXPORT_FORMATS = ("torchscript", "state", "onnx", "torch")
+DEFAULT_EXPORTS = ("torchscript", "state")
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
@@ -42,30 +47,36 @@ def _fmt(column: str, value: Any) -> str:
 
 
 def save_module(module: torch.nn.Module, stem: Path, example: torch.Tensor,
-                formats: Sequence[str] = ("torch", "torchscript")) -> list[Path]:
-    """Write a compact module as ``stem.pt`` (pickled), ``stem.ts`` (TorchScript), ``stem.onnx``, atomically."""
+                formats: Sequence[str] = DEFAULT_EXPORTS) -> list[Path]:
+    """Write a compact module atomically: ``stem.ts`` (TorchScript), ``stem.state.pt`` (weights +
+    architecture, :func:`nni_elastic.load_compact`), ``stem.onnx``, and ``stem.pt`` (pickled) on request."""
+    unknown = sorted(set(formats) - set(EXPORT_FORMATS))
+    if unknown:
+        raise ValueError(f"unknown export format(s) {unknown}; use {', '.join(EXPORT_FORMATS)}")
     written = []
     if "torch" in formats:
         written.append(atomic_save(module, stem.with_suffix(".pt")))
+    if "state" in formats:
+        written.append(save_compact(module, stem.with_name(stem.name + ".state.pt")))
     if "torchscript" in formats:
         with warnings.catch_warnings():  # torch 2.13 marks TorchScript deprecated; still the portable format
             warnings.simplefilter("ignore", DeprecationWarning)
             scripted = torch.jit.trace(module, example)
         written.append(atomic_write(stem.with_suffix(".ts"), lambda fh: torch.jit.save(scripted, fh)))
     if "onnx" in formats:
-        path = stem.with_suffix(".onnx")
+        buffer = io.BytesIO()
         with warnings.catch_warnings():  # the TorchScript exporter is fast and quiet; torch marks it legacy
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
-                module, (example,), str(path), input_names=["input"], output_names=["logits"],
+                module, (example,), buffer, input_names=["input"], output_names=["logits"],
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
             )
-        written.append(path)
+        written.append(atomic_write(stem.with_suffix(".onnx"), lambda fh: fh.write(buffer.getvalue())))
     return written
 
 
-def save_exports(em: Any, out_dir: Path, formats: Sequence[str] = ("torch", "torchscript")) -> list[Path]:
-    """Write every level's compact export into ``out_dir`` (pickled module, TorchScript, ONNX)."""
+def save_exports(em: Any, out_dir: Path, formats: Sequence[str] = DEFAULT_EXPORTS) -> list[Path]:
+    """Write every level's compact export into ``out_dir`` (formats as in :func:`save_module`)."""
     example = torch.zeros((1, *em.example_shape[1:]))
     written = []
     for level in em.levels:
@@ -92,11 +103,10 @@ def plot_levels(rows: list[dict[str, Any]], path: Path, title: str) -> Optional[
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda fh: fig.savefig(fh, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -8,7 +8,7 @@ Output directory layout::
     <output>/recipe.yaml            the resolved recipe
     <output>/checkpoints/           a checkpoint after every strategy step (for --resume)
     <output>/elastic.pt             the final elastic model (every level)
-    <output>/exports/level{i}.pt|ts compact, physically pruned models per level
+    <output>/exports/level{i}.ts|.state.pt compact, physically pruned models per level (TorchScript; weights + architecture)
     <output>/levels.json            the level table (width, MACs, params, accuracy, latency)
     <output>/accuracy_vs_macs.png   the plot
 """
@@ -22,8 +22,8 @@ from typing import Any, Callable, Optional
 import torch
 import yaml
 
-from .checkpoint import atomic_write_json, atomic_write_text
-from .config import Recipe
+from .checkpoint import atomic_write_json, atomic_write_text, ensure_output_dir, remove_stale_temps
+from .config import Recipe, RecipeError, recipe_differences
 from .data import load_dataset
 from .device import resolve_device
 from .elastic import ElasticModel
@@ -90,6 +90,10 @@ def run_recipe(
         on_step_end: called after every strategy step (e.g. NNI intermediate results).
     """
     out = Path(output if output is not None else recipe.output)
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"output {str(out)!r} is a file; pass --out <a directory> (or set output: in the recipe)")
+    if resume:
+        _check_resumable(recipe, out)  # before anything is written
     device = resolve_device(recipe.device)
     ckpt = out / "checkpoints"
     if resume and not (ckpt / "elastic.pt").is_file() and not (ckpt / "pretrain.pt").is_file():
@@ -98,6 +102,9 @@ def run_recipe(
     splits = load_dataset(d.name, root=d.root, val_fraction=d.val_fraction, seed=d.seed, image_size=d.image_size, limit=d.limit)
     torch.manual_seed(recipe.seed)
     model = create_model(recipe.model.name, num_classes=splits.num_classes, in_channels=splits.in_channels, **recipe.model.kwargs)
+    ensure_output_dir(out, "output")  # only once the recipe has proved buildable: a bad one writes nothing
+    for folder in (out, out / "checkpoints", out / "exports"):
+        remove_stale_temps(folder)  # left by a run killed while writing
     atomic_write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), out / "recipe.yaml")
     strategy = build_strategy(recipe, checkpoint_dir=ckpt, quiet=quiet, on_step_end=on_step_end)
     title = f"{recipe.model.name} on {d.name}: {recipe.method}"
@@ -112,6 +119,22 @@ def run_recipe(
                        "device": str(device), "compute": strategy.compute_, "levels": rows}, out / "levels.json")
     plot_levels(rows, out / "accuracy_vs_macs.png", title)
     return RunResult(em, rows, out, strategy.compute_, strategy.records_)
+
+
+def _check_resumable(recipe: Recipe, out: Path) -> None:
+    """Refuse to resume a run with another recipe: it would mix two runs and relabel the result."""
+    stored_path = out / "recipe.yaml"
+    if not stored_path.is_file():
+        return
+    try:
+        stored = yaml.safe_load(stored_path.read_text()) or {}
+    except yaml.YAMLError:
+        raise RecipeError(f"--resume: {stored_path} is not valid YAML; restore it or start a new run with another --out") from None
+    diff = recipe_differences(stored, recipe.to_dict())
+    if diff:
+        changes = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise RecipeError(f"--resume: the recipe differs from the interrupted run's ({stored_path}) in {changes}; "
+                          f"resume with the same recipe and --set values, or start a new run with another --out")
 
 
 def _finish_growth(recipe: Recipe, strategy: ExpansionGrowth, model: torch.nn.Module, splits: Any, out: Path,

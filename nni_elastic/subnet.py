@@ -260,7 +260,7 @@ def latency_budget(value: Optional[float]) -> float:
 
 def export_subnet(em: ElasticModel, best: Mapping[str, Any], out_dir: str | os.PathLike) -> list[Path]:
     """Write the active level (with its recalibrated BatchNorm statistics) to ``out_dir``:
-    ``subnet.pt`` (pickled module), ``subnet.ts`` (TorchScript) and ``subnet.json`` (``best``)."""
+    ``subnet.ts`` (TorchScript), ``subnet.state.pt`` (weights + architecture) and ``subnet.json`` (``best``)."""
     from .checkpoint import atomic_write_json
     from .reporting import save_module
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from nni_elastic import ElasticModel
+from nni_elastic import ElasticModel, load_compact
 from nni_elastic.cli import main
 
 
@@ -30,8 +30,9 @@ def test_train_writes_checkpoint_exports_table_and_plot(trained_run):
     assert macs == sorted(macs) and len(set(macs)) == len(macs)
     assert (trained_run / "accuracy_vs_macs.png").stat().st_size > 1000
     for i in range(3):
-        assert (trained_run / "exports" / f"level{i}.pt").is_file()
+        assert (trained_run / "exports" / f"level{i}.state.pt").is_file()
         assert (trained_run / "exports" / f"level{i}.ts").is_file()
+        assert not (trained_run / "exports" / f"level{i}.pt").exists()  # pickled modules only on request
 
 
 def test_exports_match_checkpoint_levels(trained_run):
@@ -40,7 +41,7 @@ def test_exports_match_checkpoint_levels(trained_run):
     for i in range(em.num_levels):
         em.set_level(i)
         scripted = torch.jit.load(str(trained_run / "exports" / f"level{i}.ts"))
-        pickled = torch.load(trained_run / "exports" / f"level{i}.pt", weights_only=False)
+        pickled = load_compact(trained_run / "exports" / f"level{i}.state.pt")
         with torch.no_grad():
             ref = em(x)
             assert torch.allclose(scripted(x), ref, atol=1e-5)

@@ -240,30 +240,85 @@ class GroupedConvNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class ChunkNet(nn.Module):
+    """A CSP-style block: torch-pruning maps channels through ``chunk`` wrongly, so it is refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv_a, self.conv_b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.conv3 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.relu(self.bn1(self.conv1(x))).chunk(2, dim=1)
+        x = torch.relu(self.conv3(torch.cat([self.conv_a(a), self.conv_b(b)], 1)))
+        return self.fc(x.mean((2, 3)))
+
+
+class ScaledConv(nn.Conv2d):
+    """A convolution subclass with a tensor of its own that nni-elastic cannot know how to slice."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.ones(self.out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.gain.view(1, -1, 1, 1)
+
+
+class OwnTensorNet(ScaledNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv2 = ScaledConv(8, 12, 3, padding=1)
+
+
+def _weight_normed() -> nn.Module:
+    net = ScaledNet()
+    nn.utils.parametrizations.weight_norm(net.conv3)
+    return net
+
+
+@pytest.mark.parametrize("net", [ScaledNet, GroupNormNet, GroupedConvNet])
+def test_formerly_refused_layers_are_sliced(net: type) -> None:
+    """Bare parameters, GroupNorm and grouped convolutions shrink: every level equals its export."""
+    torch.manual_seed(0)
+    x = batch(3)
+    em = ElasticModel(net(), x[:1], widths=(0.5, 1.0)).eval()
+    assert not em.graph.problems
+    for level in range(em.num_levels):
+        em.set_level(level)
+        with torch.no_grad():
+            assert rel_diff(em(x), em.export(level)(x)) <= TOL
+    assert em.levels[0].params < em.levels[1].params
+
+
 @pytest.mark.parametrize(
     "net, path, kind",
     [
-        (ScaledNet, "scale.scale", "Parameter"),
-        (GroupNormNet, "norm1", "GroupNorm"),
-        (GroupedConvNet, "conv2", "groups=2"),
+        (ChunkNet, "conv1", "split/chunk"),
+        (OwnTensorNet, "conv2", "ScaledConv"),
+        (_weight_normed, "conv3", "parametrized"),
     ],
 )
-def test_unsupported_module_is_named_and_the_fix_works(net: type, path: str, kind: str) -> None:
+def test_unsupported_module_is_named_and_the_fix_works(net, path: str, kind: str) -> None:
     torch.manual_seed(0)
     x = batch(3)
     with pytest.raises(UnsupportedModuleError) as info:
         ElasticModel(net(), x[:1])
     message = str(info.value)
     assert repr(path) in message and kind in message and "ignored_layers" in message
+    assert "unsupported='keep'" in message
 
     suggested = re.search(r"ignored_layers=(\[[^\]]*\])", message)
     assert suggested, message
-    em = ElasticModel(net(), x[:1], widths=(0.5, 1.0), ignored_layers=eval(suggested.group(1))).eval()
-    for level in range(em.num_levels):
-        em.set_level(level)
-        with torch.no_grad():
-            assert rel_diff(em(x), em.export(level)(x)) <= TOL
-    assert em.levels[0].params < em.levels[1].params  # the other groups still shrink
+    for kwargs in ({"ignored_layers": eval(suggested.group(1))}, {"unsupported": "keep"}):
+        em = ElasticModel(net(), x[:1], widths=(0.5, 1.0), **kwargs).eval()
+        for level in range(em.num_levels):
+            em.set_level(level)
+            with torch.no_grad():
+                assert rel_diff(em(x), em.export(level)(x)) <= TOL
+        assert em.levels[0].params < em.levels[1].params  # the other groups still shrink
 
 
 def test_unknown_ignored_layer_is_named() -> None:

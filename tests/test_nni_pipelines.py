@@ -183,7 +183,7 @@ def test_trial_outside_nni_parses_list_parameters_and_prints_the_final_metric(tm
     assert metric["default"] == metric["acc_level2"]  # --level largest (default)
     written = json.loads((out / "metrics.json").read_text())
     assert written["metric"] == metric and written["parameters"] == params
-    assert (out / "elastic.pt").is_file() and (out / "exports" / "level0.pt").is_file()
+    assert (out / "elastic.pt").is_file() and (out / "exports" / "level0.state.pt").is_file()
     assert json.loads((out / "levels.json").read_text())["levels"][0]["width"] == 0.25
 
 
@@ -249,7 +249,7 @@ def test_subnet_trial_reports_what_evaluate_subnet_computes(small_checkpoint: Pa
                               output=str(tmp_path / "over"))
     assert metric["feasible"] == 0 and metric["accuracy"] == 0.0
     assert metric["default"] == pytest.approx(-1.0) and metric["violation"] == pytest.approx(1.0)
-    assert not (tmp_path / "over" / "subnet.pt").exists()
+    assert not (tmp_path / "over" / "subnet.state.pt").exists() and not (tmp_path / "over" / "subnet.ts").exists()
 
 
 def test_subnet_trial_errors_name_the_problem(small_checkpoint: Path, tmp_path: Path) -> None:

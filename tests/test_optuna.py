@@ -320,7 +320,7 @@ def test_subnet_search_front_respects_the_budget_and_export_matches(checkpoint, 
     # the export is the best subnet: same outputs as the sliced model left at that configuration
     em = result.elastic_model.eval()
     x = torch.randn(16, *em.example_shape[1:])
-    exported = torch.load(tmp_path / "subnet" / "subnet.pt", weights_only=False).eval()
+    exported = ne.load_compact(tmp_path / "subnet" / "subnet.state.pt")  # weights + architecture: no code runs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 marks TorchScript deprecated
         scripted = torch.jit.load(str(tmp_path / "subnet" / "subnet.ts"))
@@ -374,7 +374,7 @@ def test_cli_tune_and_search(checkpoint, tmp_path, capsys):
     rc = run_cli(["search", str(checkpoint), "--max-macs", "0.5", "--trials", "8", "--export", str(tmp_path / "sub")])
     assert rc == 0
     assert "Pareto front within the budget" in capsys.readouterr().out
-    assert (tmp_path / "sub" / "subnet.pt").is_file()
+    assert (tmp_path / "sub" / "subnet.state.pt").is_file() and not (tmp_path / "sub" / "subnet.pt").exists()
 
 
 # ---------------------------------------------------------------------- PostgreSQL (slow)

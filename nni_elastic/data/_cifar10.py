@@ -23,7 +23,8 @@ def cifar10(
 
     `root` is the `cifar-10-batches-py` directory or its parent (no default). Train/val is a
     stratified split of `data_batch_1..5` (50000 images); `test` is `test_batch` (10000). Class
-    names come from `batches.meta` when present. The batches are pickles: load only trusted files.
+    names come from `batches.meta` when present. The batches are pickles, read with an unpickler that
+    admits numpy arrays and plain containers only, so no code runs from them.
 
     Example:
         >>> splits = load_dataset("cifar10", root="~/data", image_size=64)
@@ -54,14 +55,40 @@ def _locate(root: Path) -> Path:
     )
 
 
+# what the CIFAR-10 pickles need (numpy arrays of any numpy version, Python 2 byte strings), nothing else
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Admits numpy arrays and plain containers: a crafted file cannot run code through ``__reduce__``."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+def _load_pickle(path: Path) -> object:
+    with open(path, "rb") as f:
+        try:
+            return _ArrayUnpickler(f, encoding="bytes").load()
+        except pickle.UnpicklingError as err:
+            if "refused global" in str(err):
+                raise ValueError(f"{path}: refused to load: it holds pickled Python objects ({str(err)[15:]}) that "
+                                 f"could run code, not a CIFAR-10 batch; replace it with the original file") from None
+            raise ValueError(f"{path} is not a CIFAR-10 pickle ({err}); replace it") from None
+        except Exception as err:  # pickle raises many types on garbage input
+            raise ValueError(f"{path} is not a CIFAR-10 pickle ({type(err).__name__}: {err}); replace it") from None
+
+
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"CIFAR-10 file {path} not found; re-extract {_URL} into {path.parent.parent}")
-    with open(path, "rb") as f:
-        try:
-            batch = pickle.load(f, encoding="bytes")
-        except Exception as err:  # pickle raises many types on garbage input
-            raise ValueError(f"{path} is not a CIFAR-10 pickle ({type(err).__name__}: {err}); replace it") from None
+    batch = _load_pickle(path)
     data, labels = _field(batch, "data", path), _field(batch, "labels", path)
     data = np.asarray(data, dtype=np.uint8)
     labels = np.asarray(labels, dtype=np.int64)
@@ -86,8 +113,7 @@ def _classes(folder: Path) -> tuple[str, ...]:
     meta = folder / "batches.meta"
     if not meta.is_file():
         return CLASSES
-    with open(meta, "rb") as f:
-        names = pickle.load(f, encoding="bytes")
+    names = _load_pickle(meta)
     names = names.get(b"label_names", names.get("label_names")) if isinstance(names, dict) else None
     if not names or len(names) != len(CLASSES):
         return CLASSES

@@ -53,6 +53,21 @@ def _grow_buffer(module: nn.Module, name: str, index: int, block: torch.Tensor) 
     setattr(module, name, _insert(old, 0, index, block.to(old)))
 
 
+def _check_growable(model: nn.Module, group: ChannelGroup) -> None:
+    """Width growth knows plain convolutions (groups=1 or depthwise), Linear and BatchNorm."""
+    for member in group.members:
+        module = model.get_submodule(member.module)
+        conv = isinstance(module, (nn.Conv1d, nn.Conv2d)) and not module.transposed and (
+            module.groups == 1 or module.groups == module.in_channels == module.out_channels
+        )
+        if member.axis is not None or not (conv or isinstance(module, (nn.Linear, nn.modules.batchnorm._BatchNorm))):
+            raise ValueError(
+                f"channel group {group.name!r} cannot grow in width: member {member.module!r} "
+                f"({type(module).__name__}, {member.dim}) is not a plain Conv1d/Conv2d, Linear or BatchNorm; "
+                "restrict growth candidates to other groups"
+            )
+
+
 @torch.no_grad()
 def widen_group(model: nn.Module, group: ChannelGroup, count: int) -> list[ParamChange]:
     """Add ``count`` channels to a channel group in place, keeping the model's function.
@@ -64,6 +79,7 @@ def widen_group(model: nn.Module, group: ChannelGroup, count: int) -> list[Param
     """
     if count < 1:
         raise ValueError(f"count={count!r} must be >= 1")
+    _check_growable(model, group)
     changes: list[ParamChange] = []
     for member in group.members:
         module = model.get_submodule(member.module)

@@ -52,6 +52,16 @@ def _check_inputs(inputs: torch.Tensor, targets: torch.Tensor, damping: float, d
         raise ValueError(f"damping_mode={damping_mode!r} is not supported; use one of {DAMPING_MODES}")
 
 
+@torch.no_grad()
+def _check_labels(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """Class labels the model's output cannot index fail inside vmap with a traceback: name them here."""
+    classes = model(inputs[:1]).shape[-1]
+    bad = targets[(targets < 0) | (targets >= classes)]
+    if bad.numel():
+        raise ValueError(f"targets holds label {int(bad[0])}, but the model has {classes} classes (labels 0..{classes - 1}); "
+                         f"pass targets in that range or a model built with num_classes > {int(targets.max())}")
+
+
 def per_sample_gradients(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -84,6 +94,8 @@ def per_sample_gradients(
     was_training = model.training
     model.eval()  # per-sample gradients need per-sample forwards: BatchNorm uses running statistics
     try:
+        if loss_fn is F.cross_entropy and not targets.is_floating_point():
+            _check_labels(model, inputs, targets)
         with torch.enable_grad():
             grads = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk_size)(wrt, inputs, targets)
     finally:

@@ -12,6 +12,7 @@ Example:
 """
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any, Callable
 
@@ -44,6 +45,18 @@ def _plain(key: str, value: Any) -> Any:
     return value
 
 
+def _check_keywords(name: str, factory: Callable[..., nn.Module], kwargs: dict[str, Any]) -> None:
+    """Unknown keywords: one line listing the model's own (from its signature), not a TypeError."""
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [p for p, v in params.items() if v.kind in (v.KEYWORD_ONLY, v.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"model {name!r} has no keyword {', '.join(repr(k) for k in unknown)}; its keywords: "
+                         f"{', '.join(allowed)} (set them with model.kwargs in a recipe)")
+
+
 def create_model(name: str, *, num_classes: int = 10, in_channels: int = 3, **kwargs: Any) -> nn.Module:
     """Build a registered model and record its recipe in ``model.nni_elastic_arch``.
 
@@ -57,6 +70,7 @@ def create_model(name: str, *, num_classes: int = 10, in_channels: int = 3, **kw
         >>> model = create_model("vgg16_bn", num_classes=100, width_multiplier=0.25)
     """
     factory = MODELS.get(name)
+    _check_keywords(name, factory, kwargs)
     _check_positive_int("num_classes", num_classes)
     _check_positive_int("in_channels", in_channels)
     arch_kwargs = {"num_classes": num_classes, "in_channels": in_channels}

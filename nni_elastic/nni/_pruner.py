@@ -54,7 +54,6 @@ from nni.compression.base.compressor import Pruner
 from nni.compression.base.target_space import PruningTargetSpace, TargetType
 from nni.compression.utils import Evaluator
 
-from .._slicing import make_plain
 from ..elastic import ElasticModel, _check_widths
 from ..graph import keep_indices
 from ..strategies import PruneAndGrow
@@ -322,11 +321,7 @@ class PruneAndGrowPruner(Pruner):
     @staticmethod
     def _plain_state(em: ElasticModel, level: int) -> Dict[str, torch.Tensor]:
         """Full-width weights with ``level``'s BatchNorm statistics, keyed like the user's model."""
-        plain = copy.deepcopy(em.model)
-        row = level if em.bn_mode == "per_level" else 0
-        for module in plain.modules():
-            make_plain(module, row)
-        return plain.state_dict()
+        return em.plain_copy(level if em.bn_mode == "per_level" else 0).state_dict()
 
     def _load_weights(self, state: Dict[str, torch.Tensor]) -> None:
         """Load ``state`` into the bound model, including the parameters NNI's wrappers hold."""

@@ -114,6 +114,10 @@ def _make_sampler(name: str, seed: Optional[int], kwargs: Mapping[str, Any],
     if unknown:
         raise ValueError(f"OptunaTuner classArgs.sampler_kwargs: {unknown} are not arguments of optuna.samplers."
                          f"{cls_name}; its arguments: {sorted(p for p in params if p != 'self')}")
+    if kwargs.get("seed") is not None:  # per-trial streams: a resumed experiment does not repeat its draws
+        from ..optuna._study import SEEDED_SAMPLERS
+
+        cls = SEEDED_SAMPLERS.get(cls, cls)
     return cls(**kwargs)
 
 

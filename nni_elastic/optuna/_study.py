@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import optuna
 
 from ._storage import storage_label
@@ -39,24 +40,68 @@ def directions(objectives: Sequence[str]) -> list[str]:
     return [OBJECTIVES[o] for o in objectives]
 
 
+class _TrialSeeded:
+    """Sampler mixin: before every trial, reseed the random streams from ``(seed, trial number)``.
+
+    One seeded stream per sampler object repeats itself: a study resumed with the same seed, or two
+    processes on one study with the same seed, would re-sample the parameters of earlier trials.
+    Trial numbers are unique in a study (the storage hands them out), so every trial draws its own
+    stream, and a study stays reproducible from its seed.
+    """
+
+    _ne_seed: Optional[int] = None
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self._ne_seed is not None:
+            state = np.random.SeedSequence([self._ne_seed, trial.number]).generate_state(2)
+            for rng_owner, value in zip((self, getattr(self, "_random_sampler", None)), state):
+                rng = getattr(rng_owner, "_rng", None)
+                if rng is not None:
+                    rng.rng.seed(int(value))
+        super().before_trial(study, trial)  # type: ignore[misc]
+
+
+class SeededTPESampler(_TrialSeeded, optuna.samplers.TPESampler):
+    def __init__(self, *args: Any, seed: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init__(*args, seed=seed, **kwargs)
+        self._ne_seed = seed
+
+
+class SeededNSGAIISampler(_TrialSeeded, optuna.samplers.NSGAIISampler):
+    def __init__(self, *args: Any, seed: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init__(*args, seed=seed, **kwargs)
+        self._ne_seed = seed
+
+
+class SeededRandomSampler(_TrialSeeded, optuna.samplers.RandomSampler):
+    def __init__(self, seed: Optional[int] = None) -> None:
+        super().__init__(seed=seed)
+        self._ne_seed = seed
+
+
+SEEDED_SAMPLERS = {optuna.samplers.TPESampler: SeededTPESampler, optuna.samplers.NSGAIISampler: SeededNSGAIISampler,
+                   optuna.samplers.RandomSampler: SeededRandomSampler}
+
+
 def make_sampler(sampler: Union[str, optuna.samplers.BaseSampler, None], n_objectives: int, *,
                  seed: Optional[int] = None, n_trials: Optional[int] = None) -> optuna.samplers.BaseSampler:
     """A sampler from a name (``tpe``, ``nsga2``, ``random``), an instance (as is), or None.
 
     None: TPE for one objective, NSGA-II for several, its population ``n_trials // 4`` clipped to
-    [4, 50] so that a short study still runs several generations.
+    [4, 50] so that a short study still runs several generations. A seeded sampler draws each
+    trial from ``(seed, trial number)``: resumed studies and parallel workers never repeat a draw.
     """
     if isinstance(sampler, optuna.samplers.BaseSampler):
         return sampler
     if sampler is None or sampler == "auto":
         sampler = "tpe" if n_objectives == 1 else "nsga2"
     if sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        return SeededTPESampler(seed=seed)
     if sampler == "nsga2":
         population = max(4, min(50, (n_trials or 200) // 4))
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
+        return SeededNSGAIISampler(seed=seed, population_size=population)
     if sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+        return SeededRandomSampler(seed=seed)
     raise ValueError(f"unknown sampler {sampler!r}; use one of {list(SAMPLERS)} or an optuna.samplers.BaseSampler")
 
 

@@ -59,6 +59,8 @@ from ..subnet import (
 from ._space import SpaceLike, find_search_space, load_search_space, suggest
 from ._storage import open_storage
 from ._study import (
+    SeededNSGAIISampler,
+    SeededTPESampler,
     create_or_load_study,
     make_sampler,
     optuna_verbosity,
@@ -212,6 +214,7 @@ def search_subnets(
     plot_dir: Union[str, os.PathLike, None] = None,
     timeout: Optional[float] = None,
     quiet: bool = False,
+    trust: bool = False,
 ) -> SubnetSearchResult:
     """Find per-stage widths of a trained elastic model that are accurate within a MACs/latency budget.
 
@@ -236,15 +239,21 @@ def search_subnets(
         latency_batch_size, latency_repeats: latency measurement settings.
         enqueue_uniform: evaluate the uniform configurations (every stage at one width) first.
         device: ``auto``, ``cpu``, ``cuda``.
-        export_dir: write the best subnet there: ``subnet.pt`` (pickled module), ``subnet.ts``
-            (TorchScript), ``subnet.json`` (its widths, channels, MACs, accuracy), plus plots.
+        export_dir: write the best subnet there: ``subnet.ts`` (TorchScript), ``subnet.state.pt``
+            (weights + architecture, :func:`nni_elastic.load_compact`), ``subnet.json`` (its widths,
+            channels, MACs, accuracy), plus plots.
         plot_dir: where PNG plots go (default: ``export_dir``; none without either).
         timeout: stop after this many seconds.
         quiet: no progress bar, nothing printed.
+        trust: unpickle a model the checkpoint stores pickled (runs code from the file: only for
+            files you wrote yourself).
     """
     objectives = parse_objectives(objectives)
+    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
+        raise ValueError(f"n_trials={n_trials!r} (--trials) must be a positive integer: every trial evaluates one "
+                         f"configuration")
     dev = resolve_device(device)
-    em = checkpoint if isinstance(checkpoint, ElasticModel) else ElasticModel.load(checkpoint)
+    em = checkpoint if isinstance(checkpoint, ElasticModel) else ElasticModel.load(checkpoint, trust=trust)
     em = em.to(dev).eval()
     near = Path.cwd() if isinstance(checkpoint, ElasticModel) else Path(checkpoint).parent
     space = _width_space(em, search_space if search_space is not None else find_search_space(SUBNET_SPACE, near=near))
@@ -263,7 +272,7 @@ def search_subnets(
 
     sampler_obj = make_sampler(sampler, len(objectives), seed=seed, n_trials=n_trials)
     if not _SET_CONSTRAINT and sampler is None:  # Optuna < 5: constraints reach the samplers through constraints_func
-        cls = optuna.samplers.TPESampler if len(objectives) == 1 else optuna.samplers.NSGAIISampler
+        cls = SeededTPESampler if len(objectives) == 1 else SeededNSGAIISampler
         sampler_obj = cls(seed=seed, constraints_func=subnet_constraints)
     source = None if isinstance(checkpoint, ElasticModel) else str(Path(checkpoint).resolve())
     default_name = "subnet_search" if source is None else f"subnet_search_{Path(source).parent.name}"

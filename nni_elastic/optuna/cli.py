@@ -56,6 +56,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         max_macs=args.max_macs, max_latency_ms=args.max_latency_ms, n_trials=args.trials, objectives=args.objectives,
         storage=args.storage, study_name=args.study_name, sampler=args.sampler, seed=args.seed,
         calibrate_batches=args.calibrate_batches, device=args.device, export_dir=args.export, quiet=args.quiet,
+        trust=args.trust_checkpoint,
     )
     if args.quiet:
         return 0
@@ -111,11 +112,14 @@ def add_parser(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ())
 
     s = subparsers.add_parser("search", parents=parents, help="search per-stage widths of a trained elastic model")
     s.add_argument("checkpoint", help="an elastic checkpoint (elastic.pt)")
+    s.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle a model stored pickled in the checkpoint (a class outside the zoo): this runs code "
+                        "from the file, so only for files you wrote yourself")
     s.add_argument("--data", default=None, help="dataset (default: the checkpoint's, else digits)")
     s.add_argument("--data-root", default=None, help="dataset directory (default: the checkpoint recipe's)")
     s.add_argument("--max-macs", type=float, default=None, help="budget: fraction of the full MACs if <= 1, else MACs")
     s.add_argument("--max-latency-ms", type=float, default=None, help="budget: latency of the export on this device")
-    s.add_argument("--trials", type=int, default=200)
+    s.add_argument("--trials", type=int, default=200, help="configurations to evaluate (>= 1)")
     s.add_argument("--objectives", default="accuracy,macs", help="comma-separated: accuracy, macs, params, latency")
     s.add_argument("--storage", default=None, help="default: in memory; or sqlite:///..., journal:///...")
     s.add_argument("--study-name", default=None)
@@ -125,7 +129,7 @@ def add_parser(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ())
     s.add_argument("--calibrate-batches", type=int, default=10, help="training batches for BatchNorm recalibration")
     s.add_argument("--device", default="auto")
     s.add_argument("--export", default=None, metavar="DIR",
-                   help="write the best subnet (subnet.pt, subnet.ts, subnet.json) and plots")
+                   help="write the best subnet (subnet.ts, subnet.state.pt, subnet.json) and plots")
     s.set_defaults(func=cmd_search)
     for p in (t, s):
         if not _has_option(parents, "--quiet"):

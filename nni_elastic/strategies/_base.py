@@ -128,6 +128,16 @@ class Strategy(abc.ABC):
         if self.on_step_end is not None:
             self.on_step_end(info)
 
+    def _check_config(self, stored: Optional[dict[str, Any]], path: Any) -> None:
+        """Resume only with the settings the checkpoint was written with: anything else mixes two runs."""
+        now = self.config()
+        if stored is None or stored == now:
+            return
+        keys = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+        changes = ", ".join(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in keys)
+        raise ValueError(f"resume: {path} was written with other settings ({changes}); resume with the same "
+                         f"settings or start a new run in another checkpoint_dir")
+
     def _state(self) -> dict[str, Any]:
         return {"strategy": self.name, "completed": list(self.completed_), "records": self.records_}
 

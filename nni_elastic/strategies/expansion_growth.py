@@ -40,7 +40,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -52,7 +51,7 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import atomic_save
+from ..checkpoint import atomic_save, growth_payload, read_growth
 from ..device import resolve_device
 from ..expansion.ops import add_block, update_optimizer, widen_group
 from ..expansion.score import FisherGram, _check_inputs, per_sample_gradients
@@ -65,7 +64,6 @@ __all__ = ["ExpansionGrowth", "GrowthCheckpoint", "GrowthResult", "load_growth_c
 logger = logging.getLogger(__name__)
 
 CANDIDATE_KINDS = ("depth", "width")
-FORMAT = "nni-elastic/growth-checkpoint"
 
 
 @dataclass
@@ -118,22 +116,18 @@ class GrowthResult:
         return em
 
 
-def load_growth_checkpoint(path: Union[str, Path]) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a growth checkpoint: ``(model, metadata)``. The model is unpickled: load only files you trust."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"growth checkpoint {str(path)!r} does not exist")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an nni-elastic growth checkpoint")
-    model = torch.load(io.BytesIO(payload["module"]), map_location="cpu", weights_only=False)
-    return model, payload["metadata"]
+def load_growth_checkpoint(path: Union[str, Path], *, model: Optional[nn.Module] = None,
+                           trust: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a growth checkpoint: ``(model, metadata)``, read with ``weights_only=True``.
 
-
-def _module_bytes(model: nn.Module) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(copy.deepcopy(model).cpu(), buffer)
-    return buffer.getvalue()
+    Args:
+        path: a ``level{i}.pt`` written by :class:`ExpansionGrowth`.
+        model: for models outside the zoo, a new instance of the architecture growth started
+            from (its channels are resized to the stored ones).
+        trust: unpickle a model stored by nni-elastic before 0.2 (runs code from the file).
+    """
+    module, payload = read_growth(path, model=model, trust=trust)
+    return module, payload["metadata"]
 
 
 def _expanded_gram(trial: nn.Module, changes: list, current: FisherGram, x: torch.Tensor, y: torch.Tensor) -> FisherGram:
@@ -227,6 +221,14 @@ class ExpansionGrowth(Strategy):
         self.candidates, self.width_fraction = tuple(candidates), float(width_fraction)
         self.cfg = train_config(epochs, lr, batch_size, optimizer, momentum, weight_decay, seed)
         self.seed, self.device = seed, device
+
+    def config(self) -> dict[str, Any]:
+        """The settings that determine a run, as plain data (stored in the resume state)."""
+        return {"threshold": self.threshold, "check_every": self.check_every, "warmup_steps": self.warmup_steps,
+                "max_params": self.max_params, "max_macs": self.max_macs, "damping": self.damping,
+                "size_penalty": self.size_penalty, "score_batch": self.score_batch, "candidates": list(self.candidates),
+                "width_fraction": self.width_fraction, "seed": self.seed,
+                **{k: getattr(self.cfg, k) for k in ("epochs", "lr", "batch_size", "optimizer", "momentum", "weight_decay")}}
 
     # ------------------------------------------------------------------ scoring
     def _score_batch(self, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,7 +371,7 @@ class ExpansionGrowth(Strategy):
                 "step": step, "epoch": epoch, "expansion": expansion}
         if self.checkpoint_dir is not None:
             path = self.checkpoint_dir / f"level{level}.pt"
-            atomic_save({"format": FORMAT, "module": _module_bytes(model), "metadata": meta}, path)
+            atomic_save(growth_payload(model, meta), path)
             path = str(path)
         self.checkpoints_.append(GrowthCheckpoint(path=path, **meta))
 
@@ -379,12 +381,11 @@ class ExpansionGrowth(Strategy):
             return
         names = {p: n for n, p in self._model.named_parameters()}
         order = [[names[p] for p in g["params"]] for g in opt.param_groups]
-        atomic_save({
-            "format": FORMAT + "-state", "epoch": epoch, "module": _module_bytes(self._model),
-            "optimizer": opt.state_dict(), "param_order": order, "scheduler": sched.state_dict(),
-            "checkpoints": [asdict(c) for c in self.checkpoints_], "expansions": self.expansions_,
-            "history": self.history_, "checks": self._checks,
-        }, self.checkpoint_dir / "state.pt")
+        atomic_save(growth_payload(
+            self._model, {}, state=True, epoch=epoch, optimizer=opt.state_dict(), param_order=order,
+            scheduler=sched.state_dict(), checkpoints=[asdict(c) for c in self.checkpoints_],
+            expansions=self.expansions_, history=self.history_, checks=self._checks, config=self.config(),
+        ), self.checkpoint_dir / "state.pt")
 
     def _load_state(self, model: nn.Module, device: torch.device) -> tuple[nn.Module, Optional[dict]]:
         if self.checkpoint_dir is None:
@@ -393,8 +394,10 @@ class ExpansionGrowth(Strategy):
         if not path.is_file():
             logger.warning("resume: no %s; starting from the beginning", path)
             return model, None
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model = torch.load(io.BytesIO(state["module"]), map_location="cpu", weights_only=False).to(device)
+        # the model growth started from, resized to the grown shapes (depth: the zoo record has the blocks)
+        model, state = read_growth(path, model=None if getattr(model, "nni_elastic_arch", None) else model, state=True)
+        model = model.to(device)
+        self._check_config(state.get("config"), path)
         self.checkpoints_ = [GrowthCheckpoint(**c) for c in state["checkpoints"]]
         self.expansions_, self.history_, self._checks = list(state["expansions"]), list(state["history"]), state["checks"]
         return model, state

@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..checkpoint import CheckpointError, read_checkpoint
 from ..device import resolve_device
 from ..elastic import ElasticModel, _check_widths
 from ..graph import GRADIENT_IMPORTANCES, IMPORTANCES
@@ -224,10 +225,14 @@ class PruneAndGrow(Strategy):
         path, pre = self._checkpoint_path(), self._checkpoint_path("pretrain.pt")
         if path.is_file():
             em = ElasticModel.load(path, model=model).to(device)
+            self._check_config(em.metadata.get("config"), path)
             self._restore_state(em.metadata["strategy_state"])
             return em
         if pre.is_file():
-            payload = torch.load(pre, map_location="cpu", weights_only=True)
+            payload = read_checkpoint(pre, what="pretraining checkpoint")
+            if not isinstance(payload, dict) or "state_dict" not in payload:
+                raise CheckpointError(f"{pre} is not an nni-elastic pretraining checkpoint; remove it to start again")
+            self._check_config(payload.get("config"), pre)
             model.load_state_dict(payload["state_dict"])
             self._restore_state(payload["strategy_state"])
         return None
@@ -239,7 +244,8 @@ class PruneAndGrow(Strategy):
 
         if em is None:
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            atomic_save({"state_dict": state, "strategy_state": self._state()}, self._checkpoint_path("pretrain.pt"))
+            atomic_save({"state_dict": state, "strategy_state": self._state(), "config": self.config()},
+                        self._checkpoint_path("pretrain.pt"))
         else:
             em.save(self._checkpoint_path(), strategy_state=self._state(), config=self.config())
 
