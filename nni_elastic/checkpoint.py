@@ -26,6 +26,7 @@ import json
 import os
 import pickletools
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -361,8 +362,6 @@ def save_elastic(em: Any, path: PathLike, metadata: Mapping[str, Any], *, pickle
     ``pickle_model=True`` also stores a model outside the zoo pickled (as bytes, so the file itself
     still loads with ``weights_only=True``); reading it back needs ``trust=True``.
     """
-    from . import _slicing
-
     arch = _arch_of(em.model)
     config = em.init_config()
     payload: dict[str, Any] = {
@@ -380,9 +379,7 @@ def save_elastic(em: Any, path: PathLike, metadata: Mapping[str, Any], *, pickle
         "metadata": dict(metadata),
     }
     if arch is None and pickle_model:
-        plain = copy.deepcopy(em.model).cpu()
-        for m in plain.modules():
-            _slicing.make_plain(m, 0)
+        plain = em.plain_copy(0).cpu()
         payload["module"] = _module_bytes(plain)
         payload["module_class"] = f"{type(plain).__module__}.{type(plain).__qualname__}"
     return atomic_save(payload, path)
@@ -403,7 +400,7 @@ def load_elastic(cls: type, path: PathLike, *, model: Optional[nn.Module] = None
     saved = payload["levels"]
     config = payload.get("config")
     if config is None:  # written before ``config``: the keywords were stored one by one
-        config = {"levels": [_saved_channels(lv["channels"]) for lv in saved], "bn": payload["bn"],
+        config = {"levels": [saved_channels(lv["channels"]) for lv in saved], "bn": payload["bn"],
                   "round_to": payload.get("round_to", 1), "ignored_layers": payload["ignored_layers"]}
     em = cls(model, torch.zeros(payload["example_shape"]), reorder=False, **config)
     _load_weights(em.model, state, path)
@@ -413,10 +410,9 @@ def load_elastic(cls: type, path: PathLike, *, model: Optional[nn.Module] = None
     return em
 
 
-def _saved_channels(channels: Mapping[str, int]) -> dict[str, Union[int, float]]:
-    import sys
-
-    # a count of 1 would read as width 1 (full): the smallest positive fraction keeps one channel
+def saved_channels(channels: Mapping[str, int]) -> dict[str, Union[int, float]]:
+    """Channel counts as a ``levels`` entry: a count of 1 would read as width 1 (full), so it becomes
+    the smallest positive fraction, which keeps exactly one channel."""
     return {g: (sys.float_info.min if k == 1 else k) for g, k in channels.items()}
 
 

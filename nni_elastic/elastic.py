@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import logging
 import math
 import statistics
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -30,7 +28,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from . import _slicing
-from .checkpoint import PathLike, atomic_save
+from .checkpoint import PathLike, saved_channels
 from .graph import (
     GRADIENT_IMPORTANCES,
     UNSUPPORTED_MODES,
@@ -104,12 +102,6 @@ def _channels_for(size: int, value: Union[int, float], round_to: int, where: str
             raise ValueError(f"{where}: {value} channels requested, the group has 1..{size}")
         k = int(math.ceil(int(value) / round_to)) * round_to  # grouped layers need whole blocks
     return max(min(k, size), min(round_to, size), 1)
-
-
-def _saved_channels(channels: Mapping[str, int]) -> dict[str, Union[int, float]]:
-    """Saved channel counts as a ``levels`` entry: a count of 1 would read as width 1 (full), so it
-    becomes the smallest positive fraction, which keeps exactly one channel."""
-    return {g: (sys.float_info.min if k == 1 else k) for g, k in channels.items()}
 
 
 def _example_batch(
@@ -459,15 +451,17 @@ class ElasticModel(nn.Module):
 
     def _failing_level(self) -> Optional[tuple[int, str]]:
         for level in self.levels_:
-            error = self._compare_with_export(level.channels, level)
+            error = self._compare_with_export(level.index, level)
             if error is not None:
                 return level.index, error
         return None
 
-    def _compare_with_export(self, channels: Mapping[str, int], level: Optional[Level] = None) -> Optional[str]:
-        """``None`` if the sliced level equals its export on the probe batch, else what went wrong."""
+    def _compare_with_export(self, which: Union[int, Mapping[str, int]], level: Optional[Level] = None) -> Optional[str]:
+        """``None`` if a level (index or exact ``{group: k}``) equals its export on the probe batch, else what went wrong."""
+        if not isinstance(which, int):
+            which = saved_channels(which)  # exact counts: a count of 1 must not read as width 1.0
         try:
-            with self._full_eval(), self.use_level(dict(channels)):
+            with self._full_eval(), self.use_level(which):
                 sliced = self._probe()
                 exported = self.export()
                 if level is not None and level.macs is None:
@@ -826,7 +820,7 @@ class ElasticModel(nn.Module):
         # groups found unsliceable are kept at full width on reload too (their roots are module paths)
         kept = [root for root in self.graph.problems if root not in self.ignored_layers]
         return {
-            "levels": [_saved_channels(lv.channels) for lv in self.levels_],
+            "levels": [saved_channels(lv.channels) for lv in self.levels_],
             "bn": self.bn_mode,
             "round_to": self.round_to,
             "ignored_layers": list(self.ignored_layers) + kept,

@@ -338,3 +338,15 @@ def test_fallback_groups_stay_full_after_save_and_load(tmp_path) -> None:
             em.set_level(level)
             loaded.set_level(level)
             assert rel_diff(loaded(x), em(x)) <= TOL
+
+
+def test_single_channel_groups_are_checked_and_counted_at_their_level() -> None:
+    """A group of 4 channels at width 0.25 keeps exactly one channel (not read back as width 1.0)."""
+    import torch_pruning as tp
+
+    model, x = _model(lambda: Plain(c=4), (1, 3, 8, 8))
+    em = ElasticModel(model, x[:1], widths=(0.25, 1.0))
+    assert set(em.levels[0].channels.values()) == {1}
+    macs, params = tp.utils.count_ops_and_params(em.export(0), x[:1])
+    assert (em.levels[0].macs, em.levels[0].params) == (int(macs), int(params))
+    assert em.levels[0].macs < em.levels[1].macs
