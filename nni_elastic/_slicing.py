@@ -248,11 +248,7 @@ def _sliced_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
             with torch.no_grad():
                 mean_row.index_copy_(0, sel, mean)
                 var_row.index_copy_(0, sel, var)
-        for name, value in saved_b.items():
-            if value is None and name in _STATS + ("num_batches_tracked",):
-                buffers[name] = None
-            else:
-                buffers[name] = value
+        buffers.update(saved_b)
 
 
 def _rows_load_from_state_dict(self: Any, *args: Any, **kwargs: Any) -> None:

@@ -45,7 +45,7 @@ from .graph import (
     unsupported_error,
 )
 
-__all__ = ["ElasticModel", "Level", "BN_MODES"]
+__all__ = ["ElasticModel", "Level", "BN_MODES", "check_widths"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ class Level:
     latency_ms: Optional[float] = None
 
 
-def _check_widths(widths: Sequence[float]) -> list[float]:
+def check_widths(widths: Sequence[float]) -> list[float]:
+    """Validate uniform width multipliers: non-empty, each in (0, 1], strictly increasing."""
     widths = list(widths)
     if not widths:
         raise ValueError("widths must not be empty; give width multipliers in (0, 1], e.g. (0.25, 0.5, 1.0)")
@@ -115,7 +116,8 @@ class ElasticModel(nn.Module):
 
     Args:
         model: any CNN torch-pruning can trace; it is modified in place (channels reordered,
-            Conv/Linear/BatchNorm modules switched to their sliced forms) and owned by the wrapper.
+            sliced modules switched to generated subclasses of their own classes that keep their
+            forward) and owned by the wrapper.
         example_inputs: an input batch for tracing (its shape is remembered for MAC counting).
         widths: uniform width multipliers in (0, 1], strictly increasing; one level each.
         levels: instead of ``widths``, one ``{group: fraction or channel count}`` dict per level
@@ -128,7 +130,12 @@ class ElasticModel(nn.Module):
             when loading a checkpoint).
         bn: ``"per_level"`` (one set of BatchNorm statistics per level, default) or ``"shared"``
             (one set; call :meth:`calibrate_bn` after switching).
-        round_to: channel counts of a level are rounded to a multiple of this.
+        round_to: channel counts of a level are rounded to a multiple of this (and of the block
+            count of groups split by grouped convolutions or GroupNorm).
+        unsupported: ``"error"`` (default) refuses a group that cannot be sliced with one
+            :class:`UnsupportedModuleError` naming it; ``"keep"`` keeps such groups at full width
+            and warns which and why, so every model torch-pruning traces gets levels.
+        verify: check on construction that every level equals its export (see :meth:`verify`).
         data: batches ``(x, y)`` for gradient-based importance (``"taylor"``).
         loss_fn: loss for gradient-based importance (cross-entropy by default).
 
@@ -216,7 +223,7 @@ class ElasticModel(nn.Module):
                             f"fewer than levels[{i - 1}] ({out[i - 1].channels[g]})"
                         )
             return out
-        for i, w in enumerate(_check_widths(widths)):
+        for i, w in enumerate(check_widths(widths)):
             chans = {g.name: _channels_for(g.size, w, self._round(g), f"widths[{i}]") for g in self.graph.groups}
             out.append(Level(i, w, chans))
         return out

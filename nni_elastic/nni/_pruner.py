@@ -54,7 +54,7 @@ from nni.compression.base.compressor import Pruner
 from nni.compression.base.target_space import PruningTargetSpace, TargetType
 from nni.compression.utils import Evaluator
 
-from ..elastic import ElasticModel, _check_widths
+from ..elastic import ElasticModel, check_widths
 from ..graph import keep_indices
 from ..strategies import PruneAndGrow
 from ._speedup import drop_restored_forward
@@ -207,7 +207,7 @@ class PruneAndGrowPruner(Pruner):
         kwargs = dict(kwargs)
         extra = kwargs.pop("widths", None)
         if extra:
-            derived |= {round(w, 9) for w in _check_widths(sorted(extra))}
+            derived |= {round(w, 9) for w in check_widths(sorted(extra))}
         extra_ignored = list(kwargs.pop("ignored_layers", ()))
         return PruneAndGrow(widths=sorted(derived), ignored_layers=list(dict.fromkeys([*extra_ignored, *ignored])), **kwargs)
 

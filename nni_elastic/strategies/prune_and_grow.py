@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import CheckpointError, read_checkpoint
 from ..device import resolve_device
-from ..elastic import ElasticModel, _check_widths
+from ..elastic import ElasticModel, check_widths
 from ..graph import GRADIENT_IMPORTANCES, IMPORTANCES
 from ..training import elastic_step, evaluate_levels, plain_step, seed_everything, train
 from ._base import ParameterGuard, Step, StepInfo, Strategy, example_from, first_batches, num_samples, train_config
@@ -119,7 +119,7 @@ class PruneAndGrow(Strategy):
         on_step_end: Optional[Callable[[StepInfo], Any]] = None,
     ) -> None:
         super().__init__(checkpoint_dir=checkpoint_dir, quiet=quiet, on_step_end=on_step_end)
-        self.widths = _check_widths(widths)
+        self.widths = check_widths(widths)
         if isinstance(importance, str):
             IMPORTANCES.get(importance)  # unknown names fail here, listing the known ones
         if grow_mode not in GROW_MODES:
