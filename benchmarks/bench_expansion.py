@@ -53,10 +53,10 @@ def score_cost(device: torch.device, size: int, repeats: int) -> dict:
     s, t = statistics.median(scores), statistics.median(steps)
     params = sum(p.numel() for p in model.parameters())
     eg = ne.ExpansionGrowth(quiet=True)
-    eg._example, eg._device = torch.zeros(1, 1, size, size, device=device), device
-    n_candidates = len(eg._candidates(model))
+    example = torch.zeros(1, 1, size, size, device=device)
+    n_candidates = len(eg._candidates(model, example))
     start = time.perf_counter()
-    eg.check(model, x, y)  # the current model and every width candidate (new entries only)
+    eg.check(model, x, y, example=example)  # the current model and every width candidate (new entries only)
     sync()
     check = time.perf_counter() - start
     return {"params": params, "score_s": s, "step_s": t, "score_over_step": s / t,

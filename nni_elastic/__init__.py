@@ -14,22 +14,33 @@ from .elastic import ElasticModel, Level
 from .graph import UnsupportedModuleError, build_channel_graph
 from .models import create_model, list_models
 from .expansion import natural_expansion_score
-from .strategies import ExpansionGrowth, PruneAndGrow
+from .strategies import (
+    ElasticOptions, ExpansionGrowth, PruneAndGrow, Strategy, StrategyResult, get_strategy, list_strategies,
+    register_strategy,
+)
+from .training import TrainConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
     "ElasticModel",
+    "ElasticOptions",
     "ExpansionGrowth",
     "Level",
     "PruneAndGrow",
+    "Strategy",
+    "StrategyResult",
+    "TrainConfig",
     "UnsupportedModuleError",
     "build_channel_graph",
     "create_model",
     "data",
+    "get_strategy",
     "list_models",
+    "list_strategies",
     "load_compact",
     "models",
     "natural_expansion_score",
+    "register_strategy",
 ]

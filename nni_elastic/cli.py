@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import atomic_write_json, ensure_output_dir
 from .device import DEVICES, resolve_device
-from .reporting import DEFAULT_EXPORTS, EXPORT_FORMATS, plot_levels, print_table, save_exports
+from .reporting import DEFAULT_EXPORTS, EXPORT_FORMATS, plot_levels, print_table, run_command, save_exports
 from .config import parse_overrides
 
 logger = logging.getLogger("nni_elastic")
@@ -76,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if "full_epochs" in result.compute:
             print(f"training compute: {result.compute['full_epochs']:.2f} full-model epochs")
         print(f"output: {result.output} (checkpoints/, levels.json, accuracy_vs_macs.png"
-              f"{', elastic.pt' if result.elastic_model is not None else ''}{', exports/' if recipe.method == 'prune_and_grow' else ''})")
+              f"{', elastic.pt' if result.elastic_model is not None else ''}{', exports/' if result.exports else ''})")
     return 0
 
 
@@ -192,16 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"nni-elastic {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a file we were told to read or write: name it, not a traceback
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"nni-elastic {args.command}: error: {where}{exc.strerror or exc}; check the path and its permissions",
-              file=sys.stderr)
-        return 2
+    return run_command(f"nni-elastic {args.command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

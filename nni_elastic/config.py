@@ -9,24 +9,25 @@ Example:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-import difflib
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
+from .options import from_mapping, option
+from .strategies import ElasticOptions, get_strategy, list_strategies, load_plugins
+from .training import TrainConfig
+
 __all__ = [
     "RecipeError",
     "ModelSection",
     "DataSection",
-    "ElasticSection",
-    "TrainSection",
-    "PruneAndGrowSection",
-    "ExpansionGrowthSection",
+    "ElasticOptions",
+    "TrainConfig",
     "Recipe",
     "load_recipe",
     "recipe_from_dict",
@@ -37,8 +38,8 @@ __all__ = [
 
 # recipe keys that cannot change what a run computes: a resumed run may change them
 RESUME_FREE_KEYS = ("output", "device", "source")
-
-METHODS = ("prune_and_grow", "expansion_growth")
+# TrainConfig fields a recipe does not set: each strategy has its own epochs, the recipe one seed
+TRAIN_KEYS_OMITTED = ("epochs", "seed")
 
 
 class RecipeError(ValueError):
@@ -47,191 +48,80 @@ class RecipeError(ValueError):
 
 @dataclass
 class ModelSection:
-    name: str = "resnet20"
-    kwargs: dict = field(default_factory=dict)
+    name: str = option("resnet20")
+    kwargs: dict = option(default_factory=dict)
 
 
 @dataclass
 class DataSection:
-    name: str = "digits"
-    root: Optional[str] = None
-    val_fraction: float = 0.2
-    seed: int = 0
-    image_size: Optional[int] = None
-    limit: Optional[int] = None
-
-
-@dataclass
-class ElasticSection:
-    widths: list = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
-    importance: str = "l1"
-    bn: str = "per_level"
-    ignored_layers: list = field(default_factory=list)
-    round_to: int = 1
-
-
-@dataclass
-class TrainSection:
-    lr: float = 0.05
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-
-
-@dataclass
-class PruneAndGrowSection:
-    """Thresholds of prune-and-grow (see :class:`nni_elastic.strategies.PruneAndGrow`)."""
-
-    pretrain_epochs: int = 4
-    prune_steps: int = 3
-    finetune_epochs: int = 1
-    grow_epochs: int = 2
-    grow_mode: str = "joint"
-    regrow: str = "restore"
-    finetune_lr: Optional[float] = None
-    grow_lr: Optional[float] = None
-    calibrate_batches: int = 20
-
-
-@dataclass
-class ExpansionGrowthSection:
-    """Thresholds of expansion-score growth (see :class:`nni_elastic.strategies.ExpansionGrowth`)."""
-
-    epochs: int = 10
-    threshold: float = 0.03
-    check_every: int = 100
-    warmup_steps: Optional[int] = None
-    max_params: Optional[int] = None
-    max_macs: Optional[int] = None
-    damping: float = 1.0
-    size_penalty: float = 0.0
-    score_batch: int = 64
-    candidates: list = field(default_factory=lambda: ["depth", "width"])
-    width_fraction: float = 0.25
+    name: str = option("digits")
+    root: Optional[str] = option(None)
+    val_fraction: float = option(0.2, gt=0, lt=1)
+    seed: int = option(0, ge=0)
+    image_size: Optional[int] = option(None, gt=0)
+    limit: Optional[int] = option(None, gt=0)
 
 
 @dataclass
 class Recipe:
-    method: str = "prune_and_grow"
+    """A validated recipe. ``strategy`` is the ``Options`` dataclass of the ``method``'s strategy.
+
+    ``plugins`` are modules imported before ``method`` resolves (strategies registered outside
+    the package); ``train`` is the :class:`TrainConfig` every strategy takes whole (its epochs
+    are the strategy's, its seed is ``seed``).
+    """
+
+    method: str = option("prune_and_grow", choices=list_strategies)
+    plugins: list = option(default_factory=list)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
-    elastic: ElasticSection = field(default_factory=ElasticSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    strategy: dict = field(default_factory=dict)
-    output: str = "runs/recipe"
-    device: str = "auto"
-    seed: int = 0
-    source: Optional[str] = None
+    elastic: ElasticOptions = field(default_factory=ElasticOptions)
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"omit": TRAIN_KEYS_OMITTED})
+    strategy: Any = option(None)
+    output: str = option("runs/recipe")
+    device: str = option("auto")  # checked by resolve_device when the run starts
+    seed: int = option(0, ge=0)
+    source: Optional[str] = option(None, key=False)
 
-    def strategy_section(self) -> Union[PruneAndGrowSection, ExpansionGrowthSection]:
-        return _build(STRATEGY_SECTIONS[self.method], self.strategy, "strategy")
+    def __post_init__(self) -> None:
+        load_plugins(self.plugins)
+        options_type = get_strategy(self.method).Options
+        if not isinstance(self.strategy, options_type):
+            self.strategy = from_mapping(options_type, self.strategy, "strategy", error=RecipeError)
+
+    def strategy_section(self) -> Any:
+        """The strategy's typed options (the same object as ``recipe.strategy``)."""
+        return self.strategy
+
+    def train_config(self) -> TrainConfig:
+        """The training settings of the run: the ``train:`` section with the recipe's seed."""
+        return dataclasses.replace(self.train, seed=self.seed)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out.pop("source", None)
+        for key in TRAIN_KEYS_OMITTED:
+            out["train"].pop(key, None)
         return out
 
 
-STRATEGY_SECTIONS = {"prune_and_grow": PruneAndGrowSection, "expansion_growth": ExpansionGrowthSection}
-
-_CHOICES = {
-    "method": METHODS,
-    "device": None,  # checked by resolve_device at run time
-    "elastic.bn": ("per_level", "shared"),
-    "train.optimizer": ("sgd", "adam", "adamw"),
-    "strategy.grow_mode": ("freeze", "joint"),
-    "strategy.regrow": ("restore", "reinit"),
-}
-_POSITIVE = {
-    "data.val_fraction", "train.lr", "train.batch_size", "strategy.prune_steps", "data.image_size", "data.limit",
-    "strategy.finetune_lr", "strategy.grow_lr", "elastic.round_to", "strategy.check_every", "strategy.score_batch",
-    "strategy.max_params", "strategy.max_macs", "strategy.damping", "strategy.width_fraction",
-}
-_NON_NEGATIVE = {
-    "strategy.pretrain_epochs", "strategy.finetune_epochs", "strategy.grow_epochs", "strategy.calibrate_batches",
-    "train.weight_decay", "strategy.epochs", "strategy.threshold", "strategy.size_penalty", "strategy.warmup_steps",
-    "train.momentum", "seed", "data.seed",
-}
-
-
-def _type_ok(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin is Union:
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint in (list, dict, str):
-        return isinstance(value, hint)
-    return True
-
-
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is Union:
-        return " or ".join(_type_name(h) for h in typing.get_args(hint))
-    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise RecipeError(f"{where or 'recipe'}: expected a mapping of keys, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), sorted(fields), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise RecipeError(f"unknown recipe key {path!r}{hint} allowed keys here: {sorted(fields)}")
-        hint_t = hints[key]
-        if dataclasses.is_dataclass(hint_t):
-            kwargs[key] = _build(hint_t, value, path)
-            continue
-        if not _type_ok(value, hint_t):
-            raise RecipeError(f"{path}: {value!r} has type {type(value).__name__}, expected {_type_name(hint_t)}")
-        _check_range(path, value)
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
-def _check_range(path: str, value: Any) -> None:
-    choices = _CHOICES.get(path)
-    if choices and value not in choices:
-        raise RecipeError(f"{path}: {value!r} is not one of {list(choices)}")
-    if value is None or isinstance(value, (str, list, dict)):
-        return
-    if path in _POSITIVE and not value > 0:
-        raise RecipeError(f"{path}: {value!r} must be > 0")
-    if path in _NON_NEGATIVE and value < 0:
-        raise RecipeError(f"{path}: {value!r} must be >= 0")
-    if path == "data.val_fraction" and not 0 < value < 1:
-        raise RecipeError(f"{path}: {value!r} must be in (0, 1)")
-
-
-def _check_widths(widths: Any) -> None:
-    if not isinstance(widths, list) or not widths:
-        raise RecipeError(f"elastic.widths: {widths!r} must be a non-empty list of fractions in (0, 1], e.g. [0.25, 0.5, 1.0]")
-    for i, w in enumerate(widths):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w <= 1:
-            raise RecipeError(f"elastic.widths[{i}]: {w!r} must be a fraction in (0, 1]")
-    for a, b in zip(widths, widths[1:]):
-        if not b > a:
-            raise RecipeError(f"elastic.widths: {widths} must be strictly increasing (smallest level first)")
+def _plugins_of(data: Mapping[str, Any]) -> list[str]:
+    plugins = data.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise RecipeError(f"plugins: {plugins!r} must be a list of module names, e.g. [my_package.my_strategy]")
+    return plugins
 
 
 def recipe_from_dict(data: Mapping[str, Any], *, source: Optional[str] = None, check_paths: bool = True) -> Recipe:
     """Validate a recipe mapping; raises :class:`RecipeError` naming the offending key."""
-    recipe = _build(Recipe, data, "")
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"a recipe must be a mapping of sections, got {type(data).__name__}")
+    try:
+        load_plugins(_plugins_of(data))  # before ``method`` resolves: plugins register strategies
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+    recipe = from_mapping(Recipe, data, "", error=RecipeError)
     recipe.source = source
-    _check_widths(recipe.elastic.widths)
-    recipe.strategy_section()  # validates the method's strategy keys
     if check_paths and recipe.data.root is not None:
         root = Path(os.path.expanduser(recipe.data.root))
         if not root.is_absolute() and source is not None and not root.exists():
@@ -263,8 +153,6 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
 
 def apply_overrides(data: dict, overrides: Mapping[str, Any]) -> dict:
     """Set dotted keys (``{"strategy.grow_epochs": 1}``) in a nested recipe mapping (a copy)."""
-    import copy
-
     out = copy.deepcopy(data)
     for dotted, value in overrides.items():
         if isinstance(value, str):

@@ -17,18 +17,16 @@ import contextlib
 import copy
 import logging
 import math
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch_pruning as tp
 
 from . import _slicing
 from .checkpoint import PathLike, saved_channels
+from .measure import budget as _budget, count_ops as _count_ops, latency_ms as _latency_ms
 from .graph import (
     GRADIENT_IMPORTANCES,
     UNSUPPORTED_MODES,
@@ -41,7 +39,9 @@ from .graph import (
     build_channel_graph,
     keep_indices,
     rank_channels,
+    remap,
     reorder_channels,
+    trace,
     unsupported_error,
 )
 
@@ -64,7 +64,7 @@ class Level:
         index: position in ``ElasticModel.levels`` (smallest first).
         width: the uniform width multiplier, or ``None`` for a per-group level.
         channels: kept channels per elastic group.
-        macs, params: counted by ``torch_pruning.utils.count_ops_and_params`` on the export
+        macs, params: counted by torch-pruning (:func:`nni_elastic.measure.count_ops`) on the export
             (batch 1).
         latency_ms: median forward time measured on the current device, once asked for.
     """
@@ -262,11 +262,17 @@ class ElasticModel(nn.Module):
             if data is None:
                 raise ValueError(f"importance {importance!r} needs gradients: pass data=<batches of (x, y)>")
             self._accumulate_grads(data, loss_fn)
+        failures: dict[str, str] = {}
         try:
-            scores = rank_channels(self.graph, importance)
+            scores = rank_channels(self.graph, importance, failures)
         finally:
             if needs_grad:
                 self.model.zero_grad(set_to_none=True)
+        if failures:
+            if self.unsupported == "error":
+                raise unsupported_error(failures)
+            for name, reason in failures.items():
+                self._demote(name, reason)
         with self._full_eval():
             before = self._probe()
             perms = reorder_channels(self.model, self.graph, scores, prefix)
@@ -286,9 +292,9 @@ class ElasticModel(nn.Module):
         g = self.graph.group(name)
         ops = f" (its trace holds {', '.join(g.ops)} ops)" if g.ops else ""
         return (
-            f"reordering channel group {name!r} changes the model's output{ops}: torch-pruning traces an op between "
-            f"its members (e.g. a channel shuffle through view/transpose) as a plain channel map; members "
-            f"{sorted({m.module for m in g.members})[:6]}"
+            f"reordering channel group {name!r} changes the model's output{ops}: torch-pruning's channel mapping "
+            f"between its members is not exact (a channel shuffle through view/transpose, or a split whose chunks "
+            f"meet again through add/concat); members {sorted({m.module for m in g.members})[:6]}"
         )
 
     def _bad_reorders(self, perms: Mapping[str, torch.Tensor], before: torch.Tensor) -> list[str]:
@@ -472,8 +478,7 @@ class ElasticModel(nn.Module):
                 sliced = self._probe()
                 exported = self.export()
                 if level is not None and level.macs is None:
-                    macs, params = tp.utils.count_ops_and_params(exported, _example_batch(self.example_shape, self._device()))
-                    level.macs, level.params = int(macs), int(params)
+                    level.macs, level.params = _count_ops(exported, _example_batch(self.example_shape, self._device()))
                 plain = self._probe(exported)
                 if _close(sliced, plain):
                     return None
@@ -703,10 +708,11 @@ class ElasticModel(nn.Module):
         with torch.inference_mode(False), torch.enable_grad():
             plain = self.plain_copy(row)
             example = _example_batch(self.example_shape, self._device(), dtype=_module_dtype(plain))
-            dg = tp.DependencyGraph().build_dependency(plain, example_inputs=example, verbose=False)
+            dg = trace(plain, example)
             for g in self.graph.groups:
                 k = channels[g.name]
                 if k < g.size:
+                    remap(dg)  # chunk and concat sizes changed with the previous group
                     root = plain.get_submodule(g.name)
                     pruner = dg.get_pruner_of_module(root)
                     dg.get_pruning_group(root, pruner.prune_out_channels, sorted(g.order[k:])).prune()
@@ -728,9 +734,7 @@ class ElasticModel(nn.Module):
 
     def count(self, level: Optional[LevelLike] = None) -> tuple[int, int]:
         """(MACs, params) of a level at batch 1, counted by torch-pruning on its export."""
-        exported = self.export(level)
-        macs, params = tp.utils.count_ops_and_params(exported, _example_batch(self.example_shape, self._device()))
-        return int(macs), int(params)
+        return _count_ops(self.export(level), _example_batch(self.example_shape, self._device()))
 
     @torch.inference_mode()
     def measure_latency(
@@ -754,13 +758,7 @@ class ElasticModel(nn.Module):
         x = _example_batch(self.example_shape, device, batch_size)
         context = self.use_level(level) if level is not None else contextlib.nullcontext()
         with context:
-            net = self.export() if exported else self.model
-            was_training = net.training
-            net.eval()
-            try:
-                return _median_ms(lambda: net(x), repeats, warmup, device)
-            finally:
-                net.train(was_training)
+            return _latency_ms(self.export() if exported else self.model, x, repeats, warmup)
 
     def measure_levels(self, batch_size: int = 1, repeats: int = 30) -> list[Level]:
         """Measure and store ``latency_ms`` of every level on the current device."""
@@ -786,15 +784,7 @@ class ElasticModel(nn.Module):
             raise ValueError("pick_level needs at least one budget: max_macs, max_params or max_latency_ms")
         levels = self.levels
         full = levels[-1]
-
-        def limit(value: Optional[float], total: int, name: str) -> float:
-            if value is None:
-                return math.inf
-            if value <= 0:
-                raise ValueError(f"{name}={value!r} must be positive")
-            return value * total if value <= 1 else value
-
-        macs_cap, params_cap = limit(max_macs, full.macs, "max_macs"), limit(max_params, full.params, "max_params")
+        macs_cap, params_cap = _budget(max_macs, full.macs, "max_macs"), _budget(max_params, full.params, "max_params")
         if max_latency_ms is not None:
             if max_latency_ms <= 0:
                 raise ValueError(f"max_latency_ms={max_latency_ms!r} must be positive")
@@ -888,18 +878,7 @@ class ElasticModel(nn.Module):
         return f"levels={len(self.levels_)}, groups={len(self.graph.groups)}, bn={self.bn_mode!r}"
 
 
-def _median_ms(run: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        run()
-    sync()
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        run()
-        sync()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+# the shared counter, timer and budget parser (nni_elastic.measure), also used by the subnet searches
 
 
 def _first_tensor(out: Any) -> torch.Tensor:

@@ -40,6 +40,8 @@ __all__ = [
     "rank_channels",
     "reorder_channels",
     "apply_permutations",
+    "trace",
+    "remap",
     "keep_indices",
     "unsupported_error",
     "UNSUPPORTED_MODES",
@@ -48,10 +50,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Ops that carry channels through without parameters of their own.
-_PASS_THROUGH = {ops.OPTYPE.CONCAT, ops.OPTYPE.ELEMENTWISE, ops.OPTYPE.RESHAPE, ops.OPTYPE.EXPAND}
+_PASS_THROUGH = {ops.OPTYPE.CONCAT, ops.OPTYPE.ELEMENTWISE, ops.OPTYPE.RESHAPE, ops.OPTYPE.EXPAND, ops.OPTYPE.SLICE}
 # Ops whose channel mapping torch-pruning gets wrong or our sliced forward cannot follow (the user's
 # forward holds literal sizes); their groups are refused, or kept at full width on request.
-_CHANNEL_OPS = {ops.OPTYPE.SPLIT: "split/chunk", ops.OPTYPE.SLICE: "slice", ops.OPTYPE.UNBIND: "unbind"}
+_CHANNEL_OPS = {ops.OPTYPE.SPLIT: "split/chunk", ops.OPTYPE.UNBIND: "unbind"}
 _SUPPORTED = (
     nn.modules.conv._ConvNd,
     nn.Linear,
@@ -231,6 +233,135 @@ def _module_problem(name: str, module: object) -> Optional[str]:
     return None
 
 
+def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of ``model``, with channel splits mapped by chunk index.
+
+    torch-pruning 1.6 maps a split's outputs to chunks in the order it discovered them, not by
+    chunk index, and infers the chunk sizes from that order, so ``a, b = x.chunk(2, 1)`` can
+    send ``a``'s channels to ``b``'s consumer. Each output's chunk index is in the autograd graph
+    (the ``output_nr`` of its edge to the split) and the sizes are saved on the split's backward
+    node: the mappings are rebuilt from those. Splits that cannot be resolved are listed in
+    ``dg.nni_elastic_unmapped_splits``.
+    """
+    dg = tp.DependencyGraph()
+    with torch.inference_mode(False), torch.enable_grad():  # torch-pruning traces through autograd
+        dg.build_dependency(model, example_inputs=example_inputs, verbose=False)
+    remap(dg)
+    return dg
+
+
+def remap(dg: tp.DependencyGraph) -> None:
+    """(Re)build the split and concat mappings of :func:`trace`; after each ``group.prune()``
+    torch-pruning updates the chunk and concat sizes, so call this before the next group."""
+    dg.nni_elastic_unmapped_splits = _map_splits(dg)
+    _map_concats(dg)
+
+
+def _map_concats(dg: tp.DependencyGraph) -> None:
+    """Map every channel concatenation by its inputs' argument positions.
+
+    torch-pruning skips a concatenation whose consumer sees a different channel count (e.g. a
+    ghost module's ``torch.cat([x1, x2], 1)[:, :out]``), and then maps every input to offset 0.
+    The argument position of each input is the index of its edge among the concat's autograd
+    inputs; the sizes are torch-pruning's own per-input inference.
+    """
+    from torch_pruning.dependency.index_mapping import _ConcatIndexMapping
+
+    for node in list(dg.module2node.values()):
+        if node.type != ops.OPTYPE.CONCAT or getattr(node.grad_fn, "_saved_dim", None) != 1:
+            continue
+        sizes = node.module.concat_sizes
+        edges = [f for f, _ in node.grad_fn.next_functions]
+        positions = [[i for i, f in enumerate(edges) if f is inp.grad_fn] for inp in node.inputs]
+        if not sizes or None in sizes or len(sizes) != len(node.inputs) or any(len(p) != 1 for p in positions):
+            continue  # an input used twice, or sizes torch-pruning could not infer: leave its mapping
+        order = sorted(range(len(node.inputs)), key=lambda j: positions[j][0])
+        offsets, start = {}, 0
+        for j in order:
+            offsets[j] = [start, start + sizes[j]]
+            start += sizes[j]
+        for j, inp in enumerate(node.inputs):
+            for dep in node.dependencies:
+                if dep.target is inp:
+                    dep.index_mapping[1] = _ConcatIndexMapping(offset=offsets[j], reverse=True)
+            for dep in inp.dependencies:
+                if dep.target is node:
+                    dep.index_mapping[1] = _ConcatIndexMapping(offset=offsets[j], reverse=False)
+        node.module.offsets = [0] + [offsets[j][1] for j in order]
+        node.enable_index_mapping = False  # torch-pruning re-maps before every group: keep these
+
+
+def _map_splits(dg: tp.DependencyGraph) -> set[object]:
+    from torch_pruning.dependency.index_mapping import _SplitIndexMapping
+
+    unmapped: set[object] = set()
+    for node in list(dg.module2node.values()):
+        if node.type != ops.OPTYPE.SPLIT:
+            continue
+        fn = node.grad_fn
+        if getattr(node.module, "nni_elastic_channel_split", False):
+            sizes = list(node.module.split_sizes)  # kept up to date by torch-pruning's SplitPruner
+        else:
+            shape = getattr(fn, "_saved_self_sym_sizes", None)
+            dim = getattr(fn, "_saved_dim", None)
+            if shape is None or dim is None or not 0 <= int(dim) < 64:
+                unmapped.add(node.module)
+                continue
+            if int(dim) % len(shape) != 1:
+                continue  # not a channel split: nothing to map
+            total = int(shape[1])
+            if hasattr(fn, "_saved_split_sizes"):
+                sizes = [int(v) for v in fn._saved_split_sizes]
+            else:
+                step = int(fn._saved_split_size)
+                sizes = [min(step, total - o) for o in range(0, total, step)]
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        # offsets=None makes torch-pruning's own (order-based) update skip this split: it runs again
+        # before every get_pruning_group and would overwrite the mappings set here
+        node.module.offsets, node.module.split_sizes = None, sizes
+        node.module.nni_elastic_channel_split = True
+        for out in node.outputs:
+            edges = out.grad_fn.next_functions if out.grad_fn is not None else ()
+            chunks = {nr for f, nr in edges if f is fn}
+            if len(chunks) != 1:
+                unmapped.add(node.module)
+                continue
+            nr = chunks.pop()
+            for dep in node.dependencies:
+                if dep.target is out:
+                    dep.index_mapping[0] = _SplitIndexMapping(offset=offsets[nr:nr + 2], reverse=False)
+            for dep in out.dependencies:
+                if dep.target is node:
+                    dep.index_mapping[0] = _SplitIndexMapping(offset=offsets[nr:nr + 2], reverse=True)
+    return unmapped
+
+
+_TP_STAGES = {
+    "reshape": "a view/reshape over channels (e.g. a channel shuffle)",
+    "concat": "a channel concatenation",
+    "split": "a channel split",
+    "slice": "a channel slice",
+    "unbind": "an unbind",
+    "expand": "an expand",
+    "flatten": "a flatten before a Linear layer",
+}
+
+
+def _failed_op(exc: BaseException) -> str:
+    """Where inside torch-pruning a trace failed, as an op a user can find in their forward."""
+    tb, where = exc.__traceback__, None
+    while tb is not None:
+        if "torch_pruning" in tb.tb_frame.f_code.co_filename:
+            where = tb.tb_frame.f_code.co_name
+        tb = tb.tb_next
+    if where is None:
+        return ""
+    op = next((text for key, text in _TP_STAGES.items() if key in where), None)
+    return f" (torch-pruning failed in {where}" + (f", while mapping {op})" if op else ")")
+
+
 def build_channel_graph(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -258,14 +389,12 @@ def build_channel_graph(
     ignored = _resolve_ignored(model, ignored_layers)
     names = _module_names(model)
     was_training = model.training
-    dg = tp.DependencyGraph()
     try:
-        with torch.inference_mode(False), torch.enable_grad():  # torch-pruning traces through autograd
-            dg.build_dependency(model, example_inputs=example_inputs, verbose=False)
+        dg = trace(model, example_inputs)
     except Exception as exc:  # tracing runs user code; name what failed
         raise ValueError(
             f"torch-pruning could not trace {type(model).__name__} with example inputs of shape "
-            f"{_shape_of(example_inputs)}: {type(exc).__name__}: {exc}"
+            f"{_shape_of(example_inputs)}{_failed_op(exc)}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
     finally:
         model.train(was_training)
@@ -284,6 +413,7 @@ def build_channel_graph(
         size = pruner.get_out_channels(module)
         tp_group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(size)))
         members, coupled_to_output, touches_ignored, problem = [], False, False, None
+        chunks: list[list[tuple[int, int]]] = []  # per channel split: (root channel, chunk index)
         op_names: set[str] = set()
         for item in tp_group:
             dep, idxs, root_idxs = item.dep, item.idxs, item.root_idxs
@@ -299,6 +429,20 @@ def build_channel_graph(
             if dim == "out":
                 seen_out.add(tname)
                 touches_ignored |= _under(tname, ignored)
+            if target.type == ops.OPTYPE.SPLIT and not getattr(target.module, "nni_elastic_channel_split", False):
+                if target.module not in dg.nni_elastic_unmapped_splits:
+                    continue  # a split along another dimension carries the channels through
+            if target.type == ops.OPTYPE.SPLIT and target.module not in dg.nni_elastic_unmapped_splits:
+                sizes = list(target.module.split_sizes)
+                if len(set(sizes)) > 1:
+                    problem = problem or (
+                        f"a channel split into unequal chunks {sizes} ({target.grad_fn.name()}) splits channel group "
+                        f"{root!r}: the model's forward holds those sizes, so only equal chunks (x.chunk(n, 1)) can "
+                        "shrink, each keeping the same share"
+                    )
+                else:
+                    chunks.append([(r, i // sizes[0]) for i, r in zip(idxs, root_idxs)])
+                continue
             if target.type in _CHANNEL_OPS:
                 problem = problem or (
                     f"a channel {_CHANNEL_OPS[target.type]} op ({target.grad_fn.name() if target.grad_fn else tname}) "
@@ -316,6 +460,12 @@ def build_channel_graph(
             else:
                 problem = problem or _module_problem(tname, target.module)
             positions: list[list[int]] = [[] for _ in range(size)]
+            if any(not 0 <= r < size for r in root_idxs):
+                problem = problem or (
+                    f"torch-pruning maps the channels of group {root!r} inconsistently at {tname!r} (its trace "
+                    f"holds {', '.join(sorted(op_names)) or 'no'} ops between them, e.g. a channel shuffle)"
+                )
+                continue
             for i, r in zip(idxs, root_idxs):
                 positions[r].append(i)
             members.append(Member(tname, dim, tuple(tuple(p) for p in positions), axis))
@@ -324,7 +474,7 @@ def build_channel_graph(
             continue
         group = ChannelGroup(root, size, members, tp_group, ops=tuple(sorted(op_names)))
         if problem is None:
-            problem = _block_order(group, model)
+            problem = _block_order(group, model, chunks)
         if problem is not None:
             problems[root] = problem
             fixed.append(root)
@@ -341,15 +491,21 @@ def build_channel_graph(
     return ChannelGraph(groups, dims, fixed, problems, axes)
 
 
-def _block_order(group: ChannelGroup, model: nn.Module) -> Optional[str]:
+def _block_order(group: ChannelGroup, model: nn.Module, chunks: Sequence[Sequence[tuple[int, int]]] = ()) -> Optional[str]:
     """Set ``group.order``/``step``/``cells`` so every level keeps equal channels per block.
 
     Grouped convolutions and GroupNorm split a dimension into equal blocks; torch-pruning keeps
     their group count and prunes the same number of channels in each block, so levels must too.
+    An equal channel split (``x.chunk(n, 1)``) is the same: each chunk keeps a prefix of its own,
+    all of one length, so the model's forward still cuts the sliced tensor at the right places.
     Returns a problem if the blocks of several members cut the group into unequal cells.
     """
     labels: list[tuple[int, ...]] = [() for _ in range(group.size)]
-    blocked = False
+    blocked = bool(chunks)
+    for split in chunks:
+        chunk_of = dict(split)
+        for r in range(group.size):
+            labels[r] = labels[r] + (chunk_of.get(r, -1),)
     for m in group.members:
         if m.axis is not None:
             continue
@@ -441,17 +597,34 @@ def create_importance(importance: Union[str, ImportanceFn]) -> ImportanceFn:
 def rank_channels(
     graph: ChannelGraph,
     importance: Union[str, ImportanceFn] = "l1",
+    failures: Optional[dict[str, str]] = None,
 ) -> dict[str, torch.Tensor]:
     """Score every channel of every elastic group; returns ``{group: scores}`` (length ``size``).
 
-    Gradient-based criteria (``"taylor"``) read ``.grad``: run a backward pass first.
+    Gradient-based criteria (``"taylor"``) read ``.grad``: run a backward pass first. A built-in
+    criterion that fails on a group (torch-pruning's index mapping out of range) raises
+    :class:`UnsupportedModuleError` naming it, or, with a ``failures`` dict, is recorded there and
+    the group gets no score.
     """
     scorer = create_importance(importance)
     fallback = None
     scores: dict[str, torch.Tensor] = {}
     for g in graph.groups:
-        with torch.no_grad():
-            s = scorer(g.tp_group)
+        try:
+            with torch.no_grad():
+                s = scorer(g.tp_group)
+        except (IndexError, RuntimeError) as exc:
+            if callable(importance):
+                raise
+            reason = (
+                f"torch-pruning's {importance!r} importance fails on channel group {g.name!r} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0]}): its channel mapping is inconsistent (ops in its trace: "
+                f"{', '.join(g.ops) or 'none'}, e.g. a channel shuffle)"
+            )
+            if failures is None:
+                raise UnsupportedModuleError(reason) from exc
+            failures[g.name] = reason
+            continue
         if s is None:  # e.g. BN-scale importance on a group without BatchNorm
             fallback = fallback or create_importance("l1")
             with torch.no_grad():

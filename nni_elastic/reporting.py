@@ -1,21 +1,24 @@
-"""Outputs people look at: level tables, compact exports of every level, accuracy-vs-MACs plots."""
+"""Outputs people look at: level tables, compact exports of every level, accuracy-vs-MACs plots, error lines."""
 from __future__ import annotations
 
 import io
+import statistics
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from .checkpoint import atomic_save, atomic_write, save_compact
 
-__all__ = ["print_table", "save_module", "save_exports", "plot_levels", "EXPORT_FORMATS", "DEFAULT_EXPORTS"]
+__all__ = ["print_table", "save_module", "save_exports", "plot_levels", "run_command", "summarize_levels", "LEVEL_SUMMARIES", "EXPORT_FORMATS", "DEFAULT_EXPORTS"]
 
 # "torch" pickles the module: loading it runs code, so it is written only on request
 EXPORT_FORMATS = ("torchscript", "state", "onnx", "torch")
 DEFAULT_EXPORTS = ("torchscript", "state")
+# which levels a run's summary describes (NNI metrics, Optuna objectives); an index works too
+LEVEL_SUMMARIES = ("mean", "largest", "smallest")
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
@@ -110,3 +113,49 @@ def plot_levels(rows: list[dict[str, Any]], path: Path, title: str) -> Optional[
     return path
 
 
+def run_command(prog: str, func: Callable[[], int], *, with_type: bool = False) -> int:
+    """Run a command; a user error (bad value, missing or unwritable file) is one line on stderr and exit code 2.
+
+    The one error wrapper of every entry point (``nni-elastic``, ``python -m nni_elastic.nni.*``).
+    ``with_type``: name the exception type too (NNI trial logs).
+    """
+    try:
+        return func()
+    except (ValueError, FileNotFoundError) as exc:
+        kind = f"{type(exc).__name__}: " if with_type else ""
+        print(f"{prog}: error: {kind}{exc}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as exc:  # a file we were told to read or write: name it, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{prog}: error: {where}{exc.strerror or exc}; check the path and its permissions", file=sys.stderr,
+              flush=True)
+        return 2
+
+
+def summarize_levels(rows: Sequence[Mapping[str, Any]], level: Union[str, int] = "mean") -> dict[str, Optional[float]]:
+    """Accuracy, MACs, params and latency of the levels ``level`` selects, averaged; ratios to the largest level.
+
+    ``level``: ``mean`` (every level), ``largest``, ``smallest`` or an index (negative counts from the
+    largest). A value some selected row lacks is None. The one summary behind the NNI trial metric and
+    the Optuna objectives. Example: ``summarize_levels(result.rows)["accuracy"]``.
+    """
+    if not rows:
+        raise ValueError("the run produced no levels to summarise")
+    if isinstance(level, int) and not isinstance(level, bool):
+        if not -len(rows) <= level < len(rows):
+            raise ValueError(f"--level {level}: the run has {len(rows)} levels (0..{len(rows) - 1})")
+        chosen = [rows[level]]
+    elif level in LEVEL_SUMMARIES:
+        chosen = {"mean": list(rows), "largest": [rows[-1]], "smallest": [rows[0]]}[level]
+    else:
+        raise ValueError(f"unknown metric {level!r}; use one of {list(LEVEL_SUMMARIES)} or a level index")
+    full_macs, full_params = rows[-1].get("macs") or 1, rows[-1].get("params") or 1
+
+    def avg(key: str, scale: float = 1.0) -> Optional[float]:
+        values = [r.get(key) for r in chosen]
+        return None if any(v is None for v in values) else statistics.fmean(values) / scale
+
+    return {
+        "accuracy": avg("accuracy"), "macs": avg("macs"), "macs_ratio": avg("macs", full_macs),
+        "params": avg("params"), "params_ratio": avg("params", full_params), "latency_ms": avg("latency_ms"),
+    }

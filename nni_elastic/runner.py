@@ -14,8 +14,9 @@ Output directory layout::
 """
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -29,7 +30,7 @@ from .device import resolve_device
 from .elastic import ElasticModel
 from .models import create_model
 from .reporting import plot_levels, save_exports
-from .strategies import ExpansionGrowth, PruneAndGrow, StepInfo
+from .strategies import StepInfo, Strategy, get_strategy
 
 __all__ = ["RunResult", "build_strategy", "run_recipe"]
 
@@ -45,29 +46,15 @@ class RunResult:
     output: Path
     compute: dict[str, float]
     records: dict[str, Any]
+    exports: list[Path] = field(default_factory=list)
 
 
 def build_strategy(recipe: Recipe, *, checkpoint_dir: Optional[Path] = None, quiet: bool = False,
-                   on_step_end: Optional[Callable[[StepInfo], Any]] = None) -> PruneAndGrow | ExpansionGrowth:
-    """The strategy object a recipe describes."""
-    s = recipe.strategy_section()
-    t, e = recipe.train, recipe.elastic
-    if recipe.method == "expansion_growth":
-        return ExpansionGrowth(
-            threshold=s.threshold, check_every=s.check_every, warmup_steps=s.warmup_steps, max_params=s.max_params,
-            max_macs=s.max_macs, damping=s.damping, size_penalty=s.size_penalty, score_batch=s.score_batch,
-            candidates=tuple(s.candidates), width_fraction=s.width_fraction, epochs=s.epochs, lr=t.lr,
-            batch_size=t.batch_size, optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
-            seed=recipe.seed, device=recipe.device, quiet=quiet, checkpoint_dir=checkpoint_dir, on_step_end=on_step_end,
-        )
-    return PruneAndGrow(
-        widths=e.widths, importance=e.importance, bn=e.bn, ignored_layers=e.ignored_layers, round_to=e.round_to,
-        prune_steps=s.prune_steps, pretrain_epochs=s.pretrain_epochs, finetune_epochs=s.finetune_epochs,
-        grow_epochs=s.grow_epochs, grow_mode=s.grow_mode, regrow=s.regrow, finetune_lr=s.finetune_lr, grow_lr=s.grow_lr,
-        calibrate_batches=s.calibrate_batches, lr=t.lr, batch_size=t.batch_size, optimizer=t.optimizer,
-        momentum=t.momentum, weight_decay=t.weight_decay, seed=recipe.seed, device=recipe.device, quiet=quiet,
-        checkpoint_dir=checkpoint_dir, on_step_end=on_step_end,
-    )
+                   on_step_end: Optional[Callable[[StepInfo], Any]] = None) -> Strategy:
+    """The strategy object a recipe describes: its ``method`` from the registry, its sections whole."""
+    cls = get_strategy(recipe.method)
+    return cls(options=recipe.strategy, train=recipe.train_config(), elastic=recipe.elastic, device=recipe.device,
+               quiet=quiet, checkpoint_dir=checkpoint_dir, on_step_end=on_step_end)
 
 
 def run_recipe(
@@ -86,7 +73,7 @@ def run_recipe(
         output: output directory (default: ``recipe.output``).
         resume: continue an interrupted run in the same output directory.
         quiet: no progress bars.
-        exports: write compact exports of every level.
+        exports: write compact exports of every level (when the strategy yields an elastic model).
         on_step_end: called after every strategy step (e.g. NNI intermediate results).
     """
     out = Path(output if output is not None else recipe.output)
@@ -96,7 +83,7 @@ def run_recipe(
         _check_resumable(recipe, out)  # before anything is written
     device = resolve_device(recipe.device)
     ckpt = out / "checkpoints"
-    if resume and not (ckpt / "elastic.pt").is_file() and not (ckpt / "pretrain.pt").is_file():
+    if resume and not any(ckpt.glob("*.pt")):
         logger.warning("--resume: no checkpoint in %s; starting from the beginning", ckpt)
     d = recipe.data
     splits = load_dataset(d.name, root=d.root, val_fraction=d.val_fraction, seed=d.seed, image_size=d.image_size, limit=d.limit)
@@ -107,18 +94,30 @@ def run_recipe(
         remove_stale_temps(folder)  # left by a run killed while writing
     atomic_write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), out / "recipe.yaml")
     strategy = build_strategy(recipe, checkpoint_dir=ckpt, quiet=quiet, on_step_end=on_step_end)
-    title = f"{recipe.model.name} on {d.name}: {recipe.method}"
-    if isinstance(strategy, ExpansionGrowth):
-        return _finish_growth(recipe, strategy, model, splits, out, resume, device, title)
-    em = strategy.fit(model, splits.train, splits.val, resume=resume, example_inputs=splits.example_inputs())
-    rows = strategy.report()
-    em.save(out / "elastic.pt", recipe=recipe.to_dict(), accuracy=[r["accuracy"] for r in rows], report=rows)
-    if exports:
-        save_exports(em, out / "exports")
+    result = strategy.run(model, splits.train, splits.val, resume=resume, example_inputs=splits.example_inputs())
+    em, rows = result.elastic_model, result.rows
+    written: list[Path] = []
+    if em is not None:
+        em.save(out / "elastic.pt", recipe=recipe.to_dict(), **result.metadata)
+        if exports:
+            written = save_exports(em, out / "exports")
     atomic_write_json({"recipe": recipe.source, "method": recipe.method, "model": recipe.model.name, "dataset": d.name,
-                       "device": str(device), "compute": strategy.compute_, "levels": rows}, out / "levels.json")
-    plot_levels(rows, out / "accuracy_vs_macs.png", title)
-    return RunResult(em, rows, out, strategy.compute_, strategy.records_)
+                       "device": str(device), "compute": result.compute, "levels": rows,
+                       "checkpoints": result.checkpoints, **_plain(result.records)}, out / "levels.json")
+    plot_levels(rows, out / "accuracy_vs_macs.png", f"{recipe.model.name} on {d.name}: {recipe.method}")
+    return RunResult(em, rows, out, result.compute, result.records, written)
+
+
+def _plain(records: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-able entries of a strategy's records (levels.json holds plain data only)."""
+    out = {}
+    for key, value in records.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        out[key] = value
+    return out
 
 
 def _check_resumable(recipe: Recipe, out: Path) -> None:
@@ -135,19 +134,3 @@ def _check_resumable(recipe: Recipe, out: Path) -> None:
         changes = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise RecipeError(f"--resume: the recipe differs from the interrupted run's ({stored_path}) in {changes}; "
                           f"resume with the same recipe and --set values, or start a new run with another --out")
-
-
-def _finish_growth(recipe: Recipe, strategy: ExpansionGrowth, model: torch.nn.Module, splits: Any, out: Path,
-                   resume: bool, device: torch.device, title: str) -> RunResult:
-    """Expansion growth: one checkpoint per complexity level (in ``checkpoints/``), table and plot."""
-    result = strategy.fit(model, splits.train, splits.val, resume=resume, example_inputs=splits.example_inputs())
-    rows = [dict(r, width=None) for r in strategy.report()]
-    em = None
-    if result.widths_only and result.expansions:
-        em = result.elastic_model(splits.example_inputs().to(device))
-        em.save(out / "elastic.pt", recipe=recipe.to_dict(), growth=rows)
-    atomic_write_json({"recipe": recipe.source, "method": recipe.method, "model": recipe.model.name,
-                       "dataset": recipe.data.name, "device": str(device), "checkpoints": rows,
-                       "expansions": result.expansions, "checks": strategy.checks_}, out / "levels.json")
-    plot_levels(rows, out / "accuracy_vs_macs.png", title)
-    return RunResult(em, rows, out, {}, {"expansions": result.expansions, "checks": strategy.checks_})

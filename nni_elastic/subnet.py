@@ -1,19 +1,12 @@
-"""Stages of an elastic model: per-stage widths -> a per-group level (shared by the NNI and Optuna searches).
+"""Per-stage subnets of a trained elastic model, evaluated on the shared weights (no training).
 
-A stage key names a module path; a channel group belongs to the stage whose key equals its root
-module's path or is a dotted prefix of it (the longest such key wins). For the zoo's ResNets the
-keys are the top-level modules ``conv1``, ``layer1``, ``layer2``, ``layer3``; for VGG/AlexNet
-``features`` and ``classifier`` or finer keys such as ``features.0``. Groups of no stage keep
-their full width.
-
-Evaluating a per-stage configuration on the shared weights (no training) is shared too:
 :class:`SubnetEvaluator` (cost counted on the export, BatchNorm recalibrated, accuracy; both
 cached per channel configuration) and :func:`evaluate_subnet` (one configuration against a
 MACs/latency budget) are what an Optuna subnet-search trial and an NNI subnet trial
-(``python -m nni_elastic.nni.subnet_trial``) compute.
+(``python -m nni_elastic.nni.subnet_trial``) compute. The mapping of per-stage widths to a level
+is :mod:`nni_elastic.stages` (re-exported here).
 
 Example:
-    >>> em.set_level(stage_level(em, {"conv1": 0.5, "layer1": 0.5, "layer2": 0.75, "layer3": 1.0}))
     >>> ev = SubnetEvaluator.from_checkpoint(em)            # data split as in training
     >>> cap = macs_budget(0.5, ev.full_cost()["macs"], "max_macs")            # half the full MACs
     >>> evaluate_subnet(ev, {"conv1": 0.5, "layer1": 0.5, "layer2": 0.75, "layer3": 1.0}, macs_cap=cap)
@@ -22,63 +15,22 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
-import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from .checkpoint import atomic_write_json
+from .data import load_dataset, make_loader
+from .device import resolve_device
 from .elastic import ElasticModel
+from .measure import budget, count_ops, latency_ms
+from .reporting import save_module
+from .stages import model_stages, stage_groups, stage_level
+from .training import evaluate
 
 __all__ = ["model_stages", "stage_groups", "stage_level", "SubnetEvaluator", "evaluate_subnet", "data_settings",
            "search_data", "macs_budget", "latency_budget", "export_latency_ms", "export_subnet"]
-
-
-def model_stages(em: ElasticModel) -> list[str]:
-    """Top-level modules of the groups' roots, in model order (``["conv1", "layer1", ...]``)."""
-    seen: list[str] = []
-    for name in em.graph.names:
-        top = name.split(".", 1)[0]
-        if top not in seen:
-            seen.append(top)
-    order = [n for n, _ in em.model.named_children()]
-    return sorted(seen, key=lambda s: order.index(s) if s in order else len(order))
-
-
-def _stage_of(group: str, stages: Iterable[str]) -> Optional[str]:
-    best = None
-    for s in stages:
-        if (group == s or group.startswith(s + ".")) and (best is None or len(s) > len(best)):
-            best = s
-    return best
-
-
-def stage_groups(em: ElasticModel, stages: Iterable[str]) -> dict[str, list[str]]:
-    """``{stage: [group, ...]}``: each channel group under the longest stage key prefixing its root path."""
-    stages = list(stages)
-    out: dict[str, list[str]] = {s: [] for s in stages}
-    for group in em.graph.names:
-        s = _stage_of(group, stages)
-        if s is not None:
-            out[s].append(group)
-    empty = [s for s, groups in out.items() if not groups]
-    if empty:
-        raise ValueError(f"stage(s) {empty} match no channel group of this model; its stages (top-level modules "
-                         f"of the groups' roots) are {model_stages(em)}, its groups {em.graph.names}; pass a search "
-                         f"space with these keys (search_spaces/subnet_search_vgg16.json for VGG-16)")
-    return out
-
-
-def stage_level(em: ElasticModel, widths: Mapping[str, float]) -> dict[str, float]:
-    """Per-stage widths -> the ``{group: width}`` level for ``em.set_level`` (other groups stay full)."""
-    level = {}
-    for stage, groups in stage_groups(em, widths).items():
-        w = widths[stage]
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w <= 1:
-            raise ValueError(f"stage {stage!r}: width {w!r} must be a fraction in (0, 1]")
-        level.update({g: float(w) for g in groups})
-    return level
 
 
 # ---------------------------------------------------------------------- evaluation on shared weights
@@ -107,8 +59,6 @@ class SubnetEvaluator:
                         batch_size: Optional[int] = None, val_limit: Optional[int] = None, device: str = "auto",
                         latency: bool = False, latency_batch_size: int = 1, latency_repeats: int = 20) -> "SubnetEvaluator":
         """Load an ``elastic.pt`` (or take a loaded model) and its data, split as in training (:func:`search_data`)."""
-        from .device import resolve_device
-
         dev = resolve_device(device)
         em = checkpoint if isinstance(checkpoint, ElasticModel) else ElasticModel.load(checkpoint)
         em = em.to(dev).eval()
@@ -120,14 +70,12 @@ class SubnetEvaluator:
 
     def cost(self, level: Mapping[str, float]) -> dict[str, Any]:
         """``{"macs", "params", "latency_ms"}`` of the level's compact export (latency None unless measured)."""
-        import torch_pruning as tp
-
         k = self.key(level)
         if k not in self.costs:
             exported = self.em.export(dict(level))
             example = torch.zeros((1, *self.em.example_shape[1:]), device=self.device)
-            macs, params = tp.utils.count_ops_and_params(exported, example)
-            entry = {"macs": int(macs), "params": int(params), "latency_ms": None}
+            macs, params = count_ops(exported, example)
+            entry = {"macs": macs, "params": params, "latency_ms": None}
             if self.latency:
                 entry["latency_ms"] = export_latency_ms(exported, self.em.example_shape, self.device,
                                                         self.latency_batch_size, self.latency_repeats)
@@ -145,8 +93,6 @@ class SubnetEvaluator:
 
     def evaluate(self, level: Mapping[str, float]) -> float:
         """Validation accuracy of the level (BatchNorm recalibrated first)."""
-        from .training import evaluate
-
         k = self.key(level)
         if k not in self.accuracy:
             self.activate(level)
@@ -188,21 +134,9 @@ def evaluate_subnet(ev: SubnetEvaluator, widths: Mapping[str, float], *, macs_ca
             "accuracy": accuracy, "feasible": feasible, "constraint": constraint}
 
 
-@torch.inference_mode()
 def export_latency_ms(net: torch.nn.Module, shape: Sequence[int], device: torch.device, batch: int, repeats: int) -> float:
-    """Median forward time (ms) of a module on ``device`` for a zero batch of ``shape[1:]``."""
-    x = torch.zeros((batch, *shape[1:]), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        net(x)
-    times = []
-    for _ in range(max(1, repeats)):
-        sync()
-        start = time.perf_counter()
-        net(x)
-        sync()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    """Median forward time (ms) of a module on ``device`` for a zero batch of ``shape[1:]`` (:func:`~nni_elastic.measure.latency_ms`)."""
+    return latency_ms(net, torch.zeros((batch, *shape[1:]), device=device), repeats=repeats, warmup=3)
 
 
 def data_settings(em: ElasticModel, data: Optional[str], data_root: Optional[str]) -> tuple[str, dict[str, Any], int]:
@@ -225,8 +159,6 @@ def data_settings(em: ElasticModel, data: Optional[str], data_root: Optional[str
 def search_data(em: ElasticModel, data: Optional[str], data_root: Optional[str], seed: int, calibrate_batches: int,
                 batch_size: Optional[int], val_limit: Optional[int], device: torch.device) -> tuple[str, list, Any]:
     """Dataset name, the calibration batches (the same for every configuration) and the validation data."""
-    from .data import load_dataset, make_loader
-
     name, data_kwargs, recipe_batch = data_settings(em, data, data_root)
     splits = load_dataset(name, **data_kwargs)
     calib = []
@@ -242,11 +174,7 @@ def search_data(em: ElasticModel, data: Optional[str], data_root: Optional[str],
 
 def macs_budget(value: Optional[float], full: float, name: str) -> float:
     """A MACs budget as absolute MACs: a fraction of ``full`` if <= 1, else absolute; None: ``inf``."""
-    if value is None:
-        return math.inf
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name}={value!r} must be a positive number")
-    return value * full if value <= 1 else float(value)
+    return budget(value, full, name)
 
 
 def latency_budget(value: Optional[float]) -> float:
@@ -261,9 +189,6 @@ def latency_budget(value: Optional[float]) -> float:
 def export_subnet(em: ElasticModel, best: Mapping[str, Any], out_dir: str | os.PathLike) -> list[Path]:
     """Write the active level (with its recalibrated BatchNorm statistics) to ``out_dir``:
     ``subnet.ts`` (TorchScript), ``subnet.state.pt`` (weights + architecture) and ``subnet.json`` (``best``)."""
-    from .checkpoint import atomic_write_json
-    from .reporting import save_module
-
     out_dir = Path(out_dir)
     written = save_module(em.export().cpu(), out_dir / "subnet", torch.zeros((1, *em.example_shape[1:])))
     written.append(atomic_write_json(dict(best), out_dir / "subnet.json"))

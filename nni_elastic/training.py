@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .device import resolve_device
+from .options import check_options, option
 
 __all__ = [
     "TrainConfig", "History", "train", "evaluate", "evaluate_levels", "elastic_step", "plain_step",
@@ -41,30 +41,24 @@ Step = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of :func:`train` (validated on construction)."""
+    """The training settings, one object for every strategy and the recipe's ``train:`` section.
 
-    epochs: int = 5
-    lr: float = 0.05
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    seed: int = 0
+    Strategies take it whole and derive a phase's settings with ``dataclasses.replace`` (its
+    epochs, learning rate, seed). Validated on construction; a recipe's ``train.lr: -1`` and a
+    ``TrainConfig(lr=-1)`` fail with the same rule.
+    """
+
+    epochs: int = option(5, ge=0)
+    lr: float = option(0.05, gt=0)
+    batch_size: int = option(64, ge=1)
+    optimizer: str = option("sgd", choices=OPTIMIZERS)
+    momentum: float = option(0.9, ge=0)
+    weight_decay: float = option(5e-4, ge=0)
+    schedule: str = option("cosine", choices=SCHEDULES)
+    seed: int = option(0, ge=0)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.epochs, int) or self.epochs < 0:
-            raise ValueError(f"epochs={self.epochs!r} must be an integer >= 0")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r} must be > 0")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size!r} must be an integer >= 1")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={self.optimizer!r} is not supported; use one of {OPTIMIZERS}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} is not supported; use one of {SCHEDULES}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
+        check_options(self)
 
 
 @dataclass
@@ -128,12 +122,12 @@ def _loader(data: Dataset | DataLoader, batch_size: int, shuffle: bool, seed: in
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator if shuffle else None)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Cosine decay to zero over ``cfg.epochs`` epochs (per step), or a constant rate."""
-    steps = max(1, cfg.epochs * max(1, steps_per_epoch))
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine decay to zero over ``cfg.epochs`` epochs (stepped per batch), or a constant rate."""
     if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        steps = max(1, cfg.epochs * max(1, steps_per_epoch))
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
 @torch.no_grad()

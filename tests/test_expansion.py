@@ -221,9 +221,8 @@ def test_candidate_scores_from_the_new_entries_equal_a_full_recomputation(name, 
     model = ne.create_model(name, in_channels=1)
     x, y = batch[0][:32], batch[1][:32]
     eg = ne.ExpansionGrowth(quiet=True)
-    eg._example, eg._device = torch.zeros(1, 1, 8, 8), torch.device("cpu")
     current = FisherGram.of(model, x, y)
-    for _, apply in eg._candidates(model)[:4]:
+    for _, apply in eg._candidates(model, torch.zeros(1, 1, 8, 8))[:4]:
         trial = copy.deepcopy(model)
         changes = apply(trial)
         fast = _expanded_gram(trial, changes, current, x, y).score(1.0)

@@ -240,18 +240,18 @@ class GroupedConvNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-class ChunkNet(nn.Module):
-    """A CSP-style block: torch-pruning maps channels through ``chunk`` wrongly, so it is refused."""
+class UnequalSplitNet(nn.Module):
+    """A mixed-kernel block: the forward splits channels into unequal literal sizes, so they cannot shrink."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv_a, self.conv_b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.conv_a, self.conv_b = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(6, 4, 1)
         self.conv3 = nn.Conv2d(8, 16, 3, padding=1)
         self.fc = nn.Linear(16, NUM_CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = torch.relu(self.bn1(self.conv1(x))).chunk(2, dim=1)
+        a, b = torch.relu(self.bn1(self.conv1(x))).split([2, 6], dim=1)
         x = torch.relu(self.conv3(torch.cat([self.conv_a(a), self.conv_b(b)], 1)))
         return self.fc(x.mean((2, 3)))
 
@@ -296,7 +296,7 @@ def test_formerly_refused_layers_are_sliced(net: type) -> None:
 @pytest.mark.parametrize(
     "net, path, kind",
     [
-        (ChunkNet, "conv1", "split/chunk"),
+        (UnequalSplitNet, "conv1", "unequal chunks [2, 6]"),
         (OwnTensorNet, "conv2", "ScaledConv"),
         (_weight_normed, "conv3", "parametrized"),
     ],

@@ -20,8 +20,9 @@ gradient energy, whatever the model size (a scale of trace(F)/P, the mean over a
 eigenvalues, would be ~P/N times too small for CNNs and give eta ~ 1 always). ``"absolute"``
 uses ``damping`` as lambda. To compare a model with an expanded one, score both with the same
 absolute lambda (:class:`FisherGram` does): adding parameters only adds to K, and
-K -> K (K + c I)^-1 is operator-monotone, so the expanded score is never lower; a ratio
-threshold decides whether the gain is worth it.
+K -> K (K + c I)^-1 is operator-monotone, so the expanded score is never lower; growth
+expands when the absolute increase (minus a size penalty) passes a threshold, not a ratio
+(:mod:`nni_elastic.strategies.expansion_growth` says why).
 
 Example:
     >>> eta = natural_expansion_score(model, x, y, damping=0.1)

@@ -8,15 +8,16 @@ key per entry (``acc_level0``, ``acc_level1``, ...), booleans become 0/1 and mis
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
-__all__ = ["numeric_metric", "under_nni", "trial_output_dir", "report_final", "print_error", "setup_logging"]
+__all__ = ["numeric_metric", "under_nni", "trial_output_dir", "report_final", "setup_logging", "trial_main"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +80,6 @@ def report_final(metric: Mapping[str, float], details: Mapping[str, Any], out_di
     return metric
 
 
-def print_error(prog: str, exc: BaseException) -> None:
-    """One line on stderr that names the program and the error (the trial log NNI keeps)."""
-    print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-
-
 def setup_logging() -> None:
     """Trial entry points: INFO lines on stdout (``trial.stdout``), warnings and errors on stderr (``trial.stderr``)."""
     out = logging.StreamHandler(sys.stdout)
@@ -99,3 +95,13 @@ def setup_logging() -> None:
         root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.getLogger("nni").propagate = False  # NNI prints its own lines (e.g. standalone "Final result")
+
+
+def trial_main(prog: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+               run_from_args: Callable[[argparse.Namespace], int], argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m nni_elastic.nni.<trial>``: parse the trial's options, set up trial logging, run it."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    return run_from_args(args)

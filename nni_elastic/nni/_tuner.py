@@ -32,7 +32,6 @@ not apply here: use an NNI assessor (``assessor: {name: Medianstop}``) for early
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
@@ -44,17 +43,13 @@ import optuna
 from nni.tuner import Tuner
 
 from ..optuna import load_search_space, open_storage, to_distributions
+from ..optuna._storage import resolve_storage
+from ..optuna._study import SAMPLERS, make_sampler
 
 __all__ = ["OptunaTuner", "SAMPLERS", "default_storage_path"]
 
 logger = logging.getLogger(__name__)
 
-#: sampler names -> ``optuna.samplers`` classes (any other class name of ``optuna.samplers`` works too)
-SAMPLERS = {
-    "tpe": "TPESampler", "nsga2": "NSGAIISampler", "nsga3": "NSGAIIISampler", "random": "RandomSampler",
-    "cmaes": "CmaEsSampler", "qmc": "QMCSampler", "gp": "GPSampler", "bruteforce": "BruteForceSampler",
-}
-_EXTRA_PACKAGES = {"CmaEsSampler": "cmaes"}
 DIRECTIONS = ("maximize", "minimize")
 _FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
 
@@ -74,51 +69,22 @@ def default_storage_path() -> Path:
 def _resolve_storage(storage: Optional[str]) -> str:
     """A storage URL with ``~`` expanded and relative file paths anchored at the experiment's directory
     (the dispatcher runs in its log directory, which nobody would guess)."""
-    base = _experiment_dir() or Path.cwd()
     if storage is None:
         path = default_storage_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{path}"
-    for prefix in ("sqlite:///", "journal:///"):
-        if storage.startswith(prefix) and not storage.startswith(prefix + "/"):
-            path = Path(os.path.expanduser(storage[len(prefix):]))
-            path = path if path.is_absolute() else base / path
-            return f"{prefix}{path}"
-    if "://" not in storage:  # a plain file path: .log/.journal is a journal (open_storage), else SQLite
-        path = Path(os.path.expanduser(storage))
-        path = path if path.is_absolute() else base / path
-        return str(path) if path.suffix in (".log", ".journal") else f"sqlite:///{path}"
-    return storage
+    return resolve_storage(storage, _experiment_dir() or Path.cwd())
 
 
 def _make_sampler(name: str, seed: Optional[int], kwargs: Mapping[str, Any],
                   constrained: bool) -> optuna.samplers.BaseSampler:
-    cls_name = SAMPLERS.get(name.lower(), name)
-    cls = getattr(optuna.samplers, cls_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, optuna.samplers.BaseSampler)) or cls_name.startswith("Base"):
-        raise ValueError(f"OptunaTuner classArgs.sampler: unknown sampler {name!r}; use one of {sorted(SAMPLERS)} "
-                         f"or a class name of optuna.samplers (e.g. TPESampler)")
-    package = _EXTRA_PACKAGES.get(cls_name)
-    if package is not None:
-        import importlib.util
-
-        if importlib.util.find_spec(package) is None:
-            raise ImportError(f"OptunaTuner sampler {name!r} needs the {package!r} package: pip install {package}")
-    params = inspect.signature(cls.__init__).parameters
-    kwargs = dict(kwargs)
-    if seed is not None and "seed" in params:
-        kwargs.setdefault("seed", seed)
-    if constrained and "constraints_func" in params and not hasattr(optuna.trial.Trial, "set_constraint"):
-        kwargs.setdefault("constraints_func", _stored_constraints)  # Optuna < 5: constraints reach samplers this way
-    unknown = sorted(set(kwargs) - set(params))
-    if unknown:
-        raise ValueError(f"OptunaTuner classArgs.sampler_kwargs: {unknown} are not arguments of optuna.samplers."
-                         f"{cls_name}; its arguments: {sorted(p for p in params if p != 'self')}")
-    if kwargs.get("seed") is not None:  # per-trial streams: a resumed experiment does not repeat its draws
-        from ..optuna._study import SEEDED_SAMPLERS
-
-        cls = SEEDED_SAMPLERS.get(cls, cls)
-    return cls(**kwargs)
+    # Optuna < 5: constraints reach samplers through constraints_func
+    func = _stored_constraints if constrained and not hasattr(optuna.trial.Trial, "set_constraint") else None
+    try:
+        return make_sampler(name, seed=seed, kwargs=kwargs, constraints_func=func)
+    except (ValueError, ImportError) as exc:
+        where = "sampler_kwargs" if "not arguments" in str(exc) else "sampler"
+        raise type(exc)(f"OptunaTuner classArgs.{where}: {exc}") from None
 
 
 def _stored_constraints(trial: optuna.trial.FrozenTrial) -> list[float]:

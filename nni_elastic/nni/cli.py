@@ -14,6 +14,8 @@ import argparse
 import sys
 from typing import Any, Optional, Sequence
 
+from ..reporting import run_command
+
 __all__ = ["add_parser", "main"]
 
 
@@ -102,11 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nni_elastic.nni.cli")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["nni", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"nni-elastic nni: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command("nni-elastic nni", lambda: args.func(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,7 +32,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from ._report import numeric_metric, print_error, report_final, setup_logging, trial_output_dir
+from ..reporting import run_command
+from ._report import numeric_metric, report_final, trial_output_dir, trial_main
 
 __all__ = ["subnet_metric", "run_subnet_trial", "add_arguments", "run_from_args", "main"]
 
@@ -136,28 +137,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace, prog: str = PROG) -> int:
     """Run a subnet trial from parsed arguments; 0 on success, 2 on a named error (stderr)."""
-    try:
+    def trial() -> int:
         params = None
         if args.params is not None:
-            params = json.loads(args.params)
+            params = json.loads(args.params)  # json.JSONDecodeError is a ValueError: one line too
             if not isinstance(params, dict):
                 raise ValueError(f"--params {args.params!r}: expected a JSON object of {{stage: width}}")
         run_subnet_trial(args.checkpoint, params=params, max_macs=args.max_macs, max_latency_ms=args.max_latency_ms,
                          data=args.data, data_root=args.data_root, calibrate_batches=args.calibrate_batches,
                          val_limit=args.val_limit, seed=args.seed, device=args.device, latency=args.latency,
                          output=args.out, export=not args.no_export)
-    except (ValueError, FileNotFoundError) as exc:  # json.JSONDecodeError is a ValueError
-        print_error(prog, exc)
-        return 2
-    return 0
+        return 0
+
+    return run_command(prog, trial, with_type=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    return run_from_args(args)
+    return trial_main(PROG, __doc__.splitlines()[0], add_arguments, run_from_args, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

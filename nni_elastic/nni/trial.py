@@ -31,8 +31,10 @@ import logging
 import sys
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from ..config import RecipeError, load_recipe, parse_overrides
-from ._report import numeric_metric, print_error, report_final, setup_logging, trial_output_dir, under_nni
+from ..config import load_recipe, parse_overrides
+from ..reporting import run_command, summarize_levels
+from ..strategies import get_strategy
+from ._report import numeric_metric, report_final, trial_main, trial_output_dir, under_nni
 
 __all__ = ["LEVELS", "final_metric", "parse_level", "run_trial", "add_arguments", "run_from_args", "main"]
 
@@ -54,23 +56,6 @@ def parse_level(text: Union[str, int]) -> Union[str, int]:
         raise ValueError(f"--level {text!r}: use one of {list(LEVELS)} or a level index (0 = smallest)") from None
 
 
-def _pick(rows: Sequence[Mapping[str, Any]], level: Union[str, int]) -> list[Mapping[str, Any]]:
-    if level == "largest":
-        return [rows[-1]]
-    if level == "smallest":
-        return [rows[0]]
-    if level == "mean":
-        return list(rows)
-    if not -len(rows) <= level < len(rows):
-        raise ValueError(f"--level {level}: the run has {len(rows)} levels (0..{len(rows) - 1})")
-    return [rows[level]]
-
-
-def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> Optional[float]:
-    values = [r.get(key) for r in rows]
-    return None if not values or any(v is None for v in values) else sum(values) / len(values)
-
-
 def final_metric(rows: Sequence[Mapping[str, Any]], level: Union[str, int] = "largest",
                  compute: Optional[Mapping[str, float]] = None) -> dict[str, float]:
     """The final NNI metric of a run from its level rows (:attr:`RunResult.rows`), numbers only.
@@ -85,17 +70,9 @@ def final_metric(rows: Sequence[Mapping[str, Any]], level: Union[str, int] = "la
     Example:
         >>> final_metric(result.rows, "largest")["default"]
     """
-    if not rows:
-        raise ValueError("the run produced no levels to report")
-    chosen = _pick(rows, level)
-    full_macs, full_params = rows[-1].get("macs") or 1, rows[-1].get("params") or 1
-    metric: dict[str, Any] = {
-        "default": _mean(chosen, "accuracy"), "accuracy": _mean(chosen, "accuracy"),
-        "macs": _mean(chosen, "macs"), "params": _mean(chosen, "params"), "latency_ms": _mean(chosen, "latency_ms"),
-        "macs_ratio": (_mean(chosen, "macs") or 0) / full_macs,
-        "params_ratio": (_mean(chosen, "params") or 0) / full_params,
-        "mean_accuracy": _mean(rows, "accuracy"), "levels": len(rows),
-    }
+    chosen, every = summarize_levels(rows, level), summarize_levels(rows, "mean")
+    metric: dict[str, Any] = {"default": chosen["accuracy"], **chosen, "mean_accuracy": every["accuracy"],
+                              "levels": len(rows)}
     for i, r in enumerate(rows):
         for key, name in (("accuracy", "acc"), ("macs", "macs"), ("params", "params"), ("latency_ms", "latency_ms"),
                           ("width", "width")):
@@ -137,8 +114,8 @@ def run_trial(recipe: str, *, params: Optional[Mapping[str, Any]] = None, overri
     params = dict(received or {}) if params is None else dict(params)
     merged = _merge(params, overrides or {})
     loaded = load_recipe(recipe, merged)
-    n_levels = len(loaded.elastic.widths)
-    if isinstance(level, int) and loaded.method == "prune_and_grow" and not -n_levels <= level < n_levels:
+    n_levels = get_strategy(loaded.method).num_levels(loaded.strategy, loaded.elastic)  # None: known after the run
+    if isinstance(level, int) and n_levels is not None and not -n_levels <= level < n_levels:
         raise ValueError(f"--level {level}: the recipe has {n_levels} levels "
                          f"(elastic.widths {loaded.elastic.widths})")
     out = trial_output_dir(output, "runs/trial")
@@ -148,7 +125,7 @@ def run_trial(recipe: str, *, params: Optional[Mapping[str, Any]] = None, overri
         if info.val_accuracy is not None:
             nni.report_intermediate_result(float(info.val_accuracy))
 
-    from ..runner import run_recipe
+    from ..runner import run_recipe  # the training stack loads only when a trial runs
 
     result = run_recipe(loaded, output=out, quiet=quiet or under_nni(), exports=exports, on_step_end=on_step_end)
     metric = final_metric(result.rows, level, result.compute)
@@ -186,21 +163,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace, prog: str = PROG) -> int:
     """Run a trial from parsed arguments; 0 on success, 2 on a recipe or argument error (named on stderr)."""
-    try:
+    def trial() -> int:
         run_trial(args.recipe, params=_params(args.params), overrides=parse_overrides(args.set), level=args.level,
                   output=args.out, quiet=args.quiet, exports=not args.no_exports)
-    except (RecipeError, ValueError, FileNotFoundError) as exc:
-        print_error(prog, exc)
-        return 2
-    return 0
+        return 0
+
+    return run_command(prog, trial, with_type=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    return run_from_args(args)
+    return trial_main(PROG, __doc__.splitlines()[0], add_arguments, run_from_args, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
 
-__all__ = ["open_storage", "default_storage", "storage_label", "dashboard_command", "fail_running_trials"]
+__all__ = ["open_storage", "resolve_storage", "default_storage", "storage_label", "dashboard_command", "fail_running_trials"]
 
 JOURNAL_SUFFIXES = (".log", ".journal")
 SQLITE_TIMEOUT_S = 60
@@ -45,6 +45,23 @@ _DRIVERS = {
 def default_storage(study_name: str) -> str:
     """``sqlite:///runs/<study_name>.db``."""
     return f"sqlite:///runs/{study_name}.db"
+
+
+def resolve_storage(storage: str, base: Path) -> str:
+    """A storage URL or path with ``~`` expanded and relative file paths anchored at ``base``.
+
+    ``sqlite:///rel.db`` and ``journal:///rel.log`` become absolute; a plain path is a journal when it
+    ends in ``.log``/``.journal``, else SQLite; server URLs stay as they are.
+    """
+    for prefix in ("sqlite:///", "journal:///"):
+        if storage.startswith(prefix) and not storage.startswith(prefix + "/"):
+            path = Path(os.path.expanduser(storage[len(prefix):]))
+            return f"{prefix}{path if path.is_absolute() else base / path}"
+    if "://" not in storage:
+        path = Path(os.path.expanduser(storage))
+        path = path if path.is_absolute() else base / path
+        return str(path) if path.suffix in JOURNAL_SUFFIXES else f"sqlite:///{path}"
+    return storage
 
 
 def _is_journal(storage: str) -> bool:

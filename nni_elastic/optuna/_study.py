@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import inspect
 import logging
 import warnings
 from pathlib import Path
@@ -12,13 +14,18 @@ import optuna
 
 from ._storage import storage_label
 
-__all__ = ["OBJECTIVES", "parse_objectives", "make_sampler", "make_pruner", "create_or_load_study", "save_plots"]
+__all__ = ["OBJECTIVES", "SAMPLERS", "parse_objectives", "make_sampler", "make_pruner", "create_or_load_study", "save_plots"]
 
 logger = logging.getLogger(__name__)
 
 # objective name -> direction
 OBJECTIVES = {"accuracy": "maximize", "macs": "minimize", "params": "minimize", "latency": "minimize"}
-SAMPLERS = ("tpe", "nsga2", "random")
+#: sampler names -> ``optuna.samplers`` classes (any other class name of ``optuna.samplers`` works too)
+SAMPLERS = {
+    "tpe": "TPESampler", "nsga2": "NSGAIISampler", "nsga3": "NSGAIIISampler", "random": "RandomSampler",
+    "cmaes": "CmaEsSampler", "qmc": "QMCSampler", "gp": "GPSampler", "bruteforce": "BruteForceSampler",
+}
+_EXTRA_PACKAGES = {"CmaEsSampler": "cmaes"}
 PRUNERS = ("auto", "median", "hyperband", "none")
 
 
@@ -83,26 +90,46 @@ SEEDED_SAMPLERS = {optuna.samplers.TPESampler: SeededTPESampler, optuna.samplers
                    optuna.samplers.RandomSampler: SeededRandomSampler}
 
 
-def make_sampler(sampler: Union[str, optuna.samplers.BaseSampler, None], n_objectives: int, *,
-                 seed: Optional[int] = None, n_trials: Optional[int] = None) -> optuna.samplers.BaseSampler:
-    """A sampler from a name (``tpe``, ``nsga2``, ``random``), an instance (as is), or None.
+def make_sampler(sampler: Union[str, optuna.samplers.BaseSampler, None], n_objectives: int = 1, *,
+                 seed: Optional[int] = None, n_trials: Optional[int] = None, kwargs: Optional[Mapping[str, Any]] = None,
+                 constraints_func: Optional[Any] = None) -> optuna.samplers.BaseSampler:
+    """A sampler from a name, an instance (as is), or None: the one sampler factory of the Optuna and NNI adapters.
 
-    None: TPE for one objective, NSGA-II for several, its population ``n_trials // 4`` clipped to
-    [4, 50] so that a short study still runs several generations. A seeded sampler draws each
-    trial from ``(seed, trial number)``: resumed studies and parallel workers never repeat a draw.
+    Names: ``tpe``, ``nsga2``, ``nsga3``, ``random``, ``cmaes`` (needs ``cmaes``), ``qmc``, ``gp``,
+    ``bruteforce``, or a class name of ``optuna.samplers``. None: TPE for one objective, NSGA-II for
+    several, its population ``n_trials // 4`` clipped to [4, 50] so that a short study still runs
+    several generations. ``kwargs`` are the sampler's own arguments (unknown ones are an error);
+    ``constraints_func`` is passed where the sampler takes one. A seeded TPE, NSGA-II or random
+    sampler draws each trial from ``(seed, trial number)``: resumed studies and parallel workers
+    never repeat a draw.
     """
     if isinstance(sampler, optuna.samplers.BaseSampler):
         return sampler
     if sampler is None or sampler == "auto":
         sampler = "tpe" if n_objectives == 1 else "nsga2"
-    if sampler == "tpe":
-        return SeededTPESampler(seed=seed)
-    if sampler == "nsga2":
-        population = max(4, min(50, (n_trials or 200) // 4))
-        return SeededNSGAIISampler(seed=seed, population_size=population)
-    if sampler == "random":
-        return SeededRandomSampler(seed=seed)
-    raise ValueError(f"unknown sampler {sampler!r}; use one of {list(SAMPLERS)} or an optuna.samplers.BaseSampler")
+    cls_name = SAMPLERS.get(sampler.lower(), sampler)
+    cls = getattr(optuna.samplers, cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, optuna.samplers.BaseSampler)) or cls_name.startswith("Base"):
+        raise ValueError(f"unknown sampler {sampler!r}; use one of {sorted(SAMPLERS)}, a class name of "
+                         f"optuna.samplers (e.g. TPESampler) or an optuna.samplers.BaseSampler")
+    package = _EXTRA_PACKAGES.get(cls_name)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ImportError(f"sampler {sampler!r} needs the {package!r} package: pip install {package}")
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = dict(kwargs or {})
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise ValueError(f"{unknown} are not arguments of optuna.samplers.{cls_name}; its "
+                         f"arguments: {sorted(p for p in params if p != 'self')}")
+    if seed is not None and "seed" in params:
+        kwargs.setdefault("seed", seed)
+    if constraints_func is not None and "constraints_func" in params:
+        kwargs.setdefault("constraints_func", constraints_func)
+    if cls_name == "NSGAIISampler":
+        kwargs.setdefault("population_size", max(4, min(50, (n_trials or 200) // 4)))
+    if kwargs.get("seed") is not None:
+        cls = SEEDED_SAMPLERS.get(cls, cls)
+    return cls(**kwargs)
 
 
 def make_pruner(pruner: Union[str, optuna.pruners.BasePruner, None], objectives: Sequence[str]) -> optuna.pruners.BasePruner:

@@ -32,13 +32,14 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import optuna
+
+from ..reporting import LEVEL_SUMMARIES, summarize_levels
 
 from ..config import Recipe, apply_overrides, load_recipe, recipe_from_dict
 from ._space import SearchSpaceError, SpaceLike, default_search_space, find_search_space, load_search_space, pin, suggest
@@ -49,28 +50,8 @@ __all__ = ["tune", "METRICS", "summarize_levels"]
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("mean", "largest", "smallest")
+METRICS = LEVEL_SUMMARIES
 RecipeLike = Union[str, os.PathLike, Recipe]
-
-
-def summarize_levels(rows: Sequence[Mapping[str, Any]], metric: str = "mean") -> dict[str, float]:
-    """Accuracy, MACs, params and latency of the levels ``metric`` selects (mean, largest, smallest).
-
-    Ratios are relative to the largest level. Example: ``summarize_levels(result.rows)["accuracy"]``.
-    """
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; use one of {list(METRICS)}")
-    chosen = {"mean": list(rows), "largest": [rows[-1]], "smallest": [rows[0]]}[metric]
-    full_macs, full_params = rows[-1]["macs"] or 1, rows[-1]["params"] or 1
-
-    def avg(key: str, scale: float = 1.0) -> Optional[float]:
-        values = [r.get(key) for r in chosen]
-        return None if any(v is None for v in values) else statistics.fmean(values) / scale
-
-    return {
-        "accuracy": avg("accuracy"), "macs": avg("macs"), "macs_ratio": avg("macs", full_macs),
-        "params": avg("params"), "params_ratio": avg("params", full_params), "latency_ms": avg("latency_ms"),
-    }
 
 
 _OBJECTIVE_VALUE = {"accuracy": "accuracy", "macs": "macs_ratio", "params": "params_ratio", "latency": "latency_ms"}

@@ -40,26 +40,30 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import atomic_save, growth_payload, read_growth
 from ..device import resolve_device
 from ..expansion.ops import add_block, update_optimizer, widen_group
 from ..expansion.score import FisherGram, _check_inputs, per_sample_gradients
+from ..elastic import ElasticModel
 from ..graph import build_channel_graph
-from ..training import evaluate, make_optimizer, make_scheduler, seed_everything, train
-from ._base import StepInfo, Strategy, example_from, num_samples, train_config
+from ..measure import count_macs
+from ..options import check_options, option
+from ..training import TrainConfig, evaluate, make_optimizer, make_scheduler, seed_everything, train
+from ._base import StepInfo, Strategy, StrategyResult, example_from, num_samples, register_strategy
 
-__all__ = ["ExpansionGrowth", "GrowthCheckpoint", "GrowthResult", "load_growth_checkpoint", "CANDIDATE_KINDS"]
+__all__ = ["ExpansionGrowth", "ExpansionGrowthOptions", "GrowthCheckpoint", "GrowthResult", "GrowthState",
+           "load_growth_checkpoint", "CANDIDATE_KINDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +94,7 @@ class GrowthResult:
     history: list[dict[str, Any]]
     widths_only: bool = field(default=True)
 
-    def elastic_model(self, example_inputs: torch.Tensor, calibration: Optional[Any] = None):
+    def elastic_model(self, example_inputs: torch.Tensor, calibration: Optional[Any] = None) -> ElasticModel:
         """The growth stages as nested levels of one ElasticModel (width-only growth).
 
         New channels are appended after the old ones, so each earlier stage's channel counts are a
@@ -99,8 +103,6 @@ class GrowthResult:
         ``calibration`` batches to recompute BatchNorm statistics, and evaluate them. Depth growth
         (added blocks) cannot be expressed as levels: an ElasticModel has no skippable layers yet.
         """
-        from ..elastic import ElasticModel
-
         if not self.widths_only:
             raise ValueError("growth added blocks (depth); only width-only growth maps onto ElasticModel levels")
         stages = [e["channels_before"] for e in self.expansions] + [self.expansions[-1]["channels_after"]] if self.expansions else []
@@ -149,6 +151,52 @@ def _num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _check_candidates(value: Any, label: str) -> None:
+    if not value:
+        raise ValueError(f"{label}: use a non-empty subset of {list(CANDIDATE_KINDS)}")
+
+
+@dataclass
+class ExpansionGrowthOptions:
+    """Settings of expansion-score growth (the recipe's ``strategy:`` section); see :class:`ExpansionGrowth`."""
+
+    epochs: int = option(10, ge=0)
+    threshold: float = option(0.03, ge=0)
+    check_every: int = option(100, ge=1)
+    warmup_steps: Optional[int] = option(None, ge=0)
+    max_params: Optional[int] = option(None, ge=1)
+    max_macs: Optional[int] = option(None, ge=1)
+    damping: float = option(1.0, gt=0)
+    size_penalty: float = option(0.0, ge=0)
+    score_batch: int = option(64, ge=2)
+    candidates: list = option(default_factory=lambda: list(CANDIDATE_KINDS), choices=CANDIDATE_KINDS,
+                              check=_check_candidates)
+    width_fraction: float = option(0.25, gt=0, le=4)
+
+    def __post_init__(self) -> None:
+        self.candidates = list(self.candidates)
+        check_options(self)
+
+
+@dataclass
+class GrowthState:
+    """The state of one growth run (created empty with the strategy; :meth:`ExpansionGrowth.fit` fills it)."""
+
+    model: Optional[nn.Module] = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    example: Optional[torch.Tensor] = None
+    train_data: Any = None
+    val_data: Any = None
+    steps_per_epoch: int = 1
+    num_checks: int = 0
+    expansions: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: list[GrowthCheckpoint] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    candidate_ops: dict[str, Callable[[nn.Module], list]] = field(default_factory=dict)  # of the last check
+
+
+@register_strategy("expansion_growth")
 class ExpansionGrowth(Strategy):
     """Grow a small CNN during training where the natural expansion score says capacity helps.
 
@@ -162,229 +210,218 @@ class ExpansionGrowth(Strategy):
         score_batch: samples N of the score (the Gram matrix is N x N).
         candidates: expansion kinds, ``"depth"`` (growable_cnn blocks) and/or ``"width"``.
         width_fraction: channels added to a group, as a fraction of its size (at least 1).
-        epochs, lr, batch_size, optimizer, momentum, weight_decay: training settings.
-        seed, device, quiet, checkpoint_dir, on_step_end: as for every strategy
+        epochs: training epochs.
+        lr, batch_size, optimizer, momentum, weight_decay, seed: training settings (or ``train=TrainConfig(...)``).
+        device, quiet, checkpoint_dir, on_step_end: as for every strategy
             (``on_step_end`` is called after each epoch).
     """
 
-    name = "expansion_growth"
+    Options = ExpansionGrowthOptions
 
-    def __init__(
-        self,
-        threshold: float = 0.03,
-        *,
-        check_every: int = 100,
-        warmup_steps: Optional[int] = None,
-        max_params: Optional[int] = None,
-        max_macs: Optional[int] = None,
-        damping: float = 1.0,
-        size_penalty: float = 0.0,
-        score_batch: int = 64,
-        candidates: Sequence[str] = CANDIDATE_KINDS,
-        width_fraction: float = 0.25,
-        epochs: int = 10,
-        lr: float = 0.05,
-        batch_size: int = 64,
-        optimizer: str = "sgd",
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        seed: int = 0,
-        device: str = "auto",
-        quiet: bool = False,
-        checkpoint_dir: Optional[Union[str, Path]] = None,
-        on_step_end: Optional[Callable[[StepInfo], Any]] = None,
-    ) -> None:
-        super().__init__(checkpoint_dir=checkpoint_dir, quiet=quiet, on_step_end=on_step_end)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
-            raise ValueError(f"threshold={threshold!r} must be >= 0 (the increase of the expansion score needed to expand)")
-        if not isinstance(check_every, int) or check_every < 1:
-            raise ValueError(f"check_every={check_every!r} must be an integer >= 1")
-        if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping > 0:
-            raise ValueError(f"damping={damping!r} must be > 0")
-        if size_penalty < 0:
-            raise ValueError(f"size_penalty={size_penalty!r} must be >= 0")
-        if not isinstance(score_batch, int) or score_batch < 2:
-            raise ValueError(f"score_batch={score_batch!r} must be an integer >= 2")
-        unknown = [c for c in candidates if c not in CANDIDATE_KINDS]
-        if unknown or not candidates:
-            raise ValueError(f"candidates={list(candidates)!r}: use a non-empty subset of {CANDIDATE_KINDS}")
-        if not 0 < width_fraction <= 4:
-            raise ValueError(f"width_fraction={width_fraction!r} must be in (0, 4]")
-        for key, value in (("max_params", max_params), ("max_macs", max_macs)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{key}={value!r} must be a positive integer or None")
-        if warmup_steps is not None and (not isinstance(warmup_steps, int) or warmup_steps < 0):
-            raise ValueError(f"warmup_steps={warmup_steps!r} must be an integer >= 0")
-        self.threshold, self.check_every, self.damping, self.size_penalty = float(threshold), check_every, float(damping), float(size_penalty)
-        self.warmup_steps = 2 * check_every if warmup_steps is None else warmup_steps
-        self.max_params, self.max_macs, self.score_batch = max_params, max_macs, score_batch
-        self.candidates, self.width_fraction = tuple(candidates), float(width_fraction)
-        self.cfg = train_config(epochs, lr, batch_size, optimizer, momentum, weight_decay, seed)
-        self.seed, self.device = seed, device
+    def __init__(self, threshold: Optional[float] = None, **settings: Any) -> None:
+        if threshold is not None:
+            settings["threshold"] = threshold
+        super().__init__(**settings)
+        self.state_ = GrowthState()
+
+    @property
+    def warmup_steps(self) -> int:
+        o = self.options
+        return 2 * o.check_every if o.warmup_steps is None else o.warmup_steps
+
+    @property
+    def cfg(self) -> TrainConfig:
+        """The training settings of the run (the strategy's ``epochs``)."""
+        return dataclasses.replace(self.train, epochs=self.options.epochs)
+
+    # the records of the last run, as public attributes
+    checks_ = property(lambda self: self.state_.checks)
+    expansions_ = property(lambda self: self.state_.expansions)
+    checkpoints_ = property(lambda self: self.state_.checkpoints)
+    history_ = property(lambda self: self.state_.history)
 
     def config(self) -> dict[str, Any]:
         """The settings that determine a run, as plain data (stored in the resume state)."""
-        return {"threshold": self.threshold, "check_every": self.check_every, "warmup_steps": self.warmup_steps,
-                "max_params": self.max_params, "max_macs": self.max_macs, "damping": self.damping,
-                "size_penalty": self.size_penalty, "score_batch": self.score_batch, "candidates": list(self.candidates),
-                "width_fraction": self.width_fraction, "seed": self.seed,
-                **{k: getattr(self.cfg, k) for k in ("epochs", "lr", "batch_size", "optimizer", "momentum", "weight_decay")}}
+        o, t = self.options, self.train
+        return {"threshold": float(o.threshold), "check_every": o.check_every, "warmup_steps": self.warmup_steps,
+                "max_params": o.max_params, "max_macs": o.max_macs, "damping": float(o.damping),
+                "size_penalty": float(o.size_penalty), "score_batch": o.score_batch, "candidates": list(o.candidates),
+                "width_fraction": float(o.width_fraction), "seed": t.seed, "epochs": o.epochs, "lr": t.lr,
+                "batch_size": t.batch_size, "optimizer": t.optimizer, "momentum": t.momentum,
+                "weight_decay": t.weight_decay}
 
     # ------------------------------------------------------------------ scoring
-    def _score_batch(self, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        loader = DataLoader(data.dataset if isinstance(data, DataLoader) else data, batch_size=self.score_batch,
-                            shuffle=True, generator=torch.Generator().manual_seed(self.seed + 7919 * (len(self.expansions_) + 1) + self._checks))
+    def _score_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        st = self.state_
+        data = st.train_data
+        seed = self.seed + 7919 * (len(st.expansions) + 1) + st.num_checks
+        loader = DataLoader(data.dataset if isinstance(data, DataLoader) else data, batch_size=self.options.score_batch,
+                            shuffle=True, generator=torch.Generator().manual_seed(seed))
         x, y = next(iter(loader))
-        return x.to(self._device), y.to(self._device)
+        return x.to(st.device), y.to(st.device)
 
-    def _candidates(self, model: nn.Module) -> list[tuple[str, Callable[[nn.Module], list]]]:
+    def _candidates(self, model: nn.Module, example: torch.Tensor,
+                    calibration: Optional[torch.Tensor] = None) -> list[tuple[str, Callable[[nn.Module], list]]]:
+        """Every function-preserving expansion of ``model``: ``(name, apply)`` pairs."""
         out: list[tuple[str, Callable[[nn.Module], list]]] = []
-        if "depth" in self.candidates and hasattr(model, "add_block"):
+        if "depth" in self.options.candidates and hasattr(model, "add_block"):
             for s in range(len(model.stages)):
-                calibration = getattr(self, "_calibration", None)
-                out.append((f"depth:stage{s}", lambda m, s=s, c=calibration: add_block(m, s, calibration=c)))
-        if "width" in self.candidates:
-            graph = build_channel_graph(model, self._example)
+                out.append((f"depth:stage{s}", lambda m, s=s: add_block(m, s, calibration=calibration)))
+        if "width" in self.options.candidates:
+            graph = build_channel_graph(model, example)
             for g in graph.groups:
-                k = max(1, math.ceil(self.width_fraction * g.size))
+                k = max(1, math.ceil(self.options.width_fraction * g.size))
 
                 def grow(m: nn.Module, name: str = g.name, k: int = k) -> list:
-                    return widen_group(m, build_channel_graph(m, self._example).group(name), k)
+                    return widen_group(m, build_channel_graph(m, example).group(name), k)
 
                 out.append((f"width:{g.name}+{k}", grow))
         return out
 
-    def check(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    def check(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+              example: Optional[torch.Tensor] = None) -> dict[str, Any]:
         """Score the current model and every candidate on one batch; return the decision record.
 
+        Works on any model, inside a run or not (``example``: the tracing input, default ``x[:1]``).
         Every expansion preserves the function, so the per-sample gradients of the old parameters
         are the same in the expanded model: its Gram matrix is the current one plus the Gram of the
         new entries only, K_c = K + G_new G_new^T. Only the grown tensors are differentiated.
         """
-        _check_inputs(x, y, self.damping, "absolute")
-        self._calibration = x  # new blocks take their BatchNorm statistics from the score batch
-        lam = self.damping
+        o = self.options
+        _check_inputs(x, y, o.damping, "absolute")
+        example = example if example is not None else x[:1]
+        lam = o.damping
         current = FisherGram.of(model, x, y)
         eta = current.score(lam)
         params, best = _num_params(model), None
         scores = {}
-        self._candidate_ops = dict(self._candidates(model))  # the chosen one is applied as scored
-        for name, apply in self._candidate_ops.items():
+        # new blocks take their BatchNorm statistics from the score batch; the chosen one is applied as scored
+        ops = dict(self._candidates(model, example, calibration=x))
+        self.state_.candidate_ops = ops
+        for name, apply in ops.items():
             trial = copy.deepcopy(model)
             rng = torch.get_rng_state()
             changes = apply(trial)
             torch.set_rng_state(rng)
             added = _num_params(trial) - params
-            if self.max_params is not None and params + added > self.max_params:
+            if o.max_params is not None and params + added > o.max_params:
                 continue
-            if self.max_macs is not None and self._macs(trial) > self.max_macs:
+            if o.max_macs is not None and count_macs(trial, example) > o.max_macs:
                 continue
             eta_c = _expanded_gram(trial, changes, current, x, y).score(lam)
-            gain = eta_c - eta - self.size_penalty * added / params
+            gain = eta_c - eta - o.size_penalty * added / params
             scores[name] = {"eta": eta_c, "gain": gain, "ratio": eta_c / max(eta, 1e-12), "added_params": added}
             if best is None or gain > scores[best]["gain"]:
                 best = name
-        take = best is not None and scores[best]["gain"] > self.threshold
+        take = best is not None and scores[best]["gain"] > o.threshold
         return {"eta": eta, "lambda": lam, "candidates": scores, "best": best, "expand": take}
-
-    def _macs(self, model: nn.Module) -> int:
-        return int(tp.utils.count_ops_and_params(model, self._example)[0])  # counts on a copy in eval mode
 
     # ------------------------------------------------------------------ fit
     def fit(self, model: nn.Module, train_data: Dataset | DataLoader, val_data: Dataset | DataLoader, *,
             resume: bool = False, example_inputs: Optional[torch.Tensor] = None) -> GrowthResult:
         """Train with growth checks; return the final model and one checkpoint per complexity level."""
         device = resolve_device(self.device)
-        self._device, self._val = device, val_data
-        self._example = (example_inputs if example_inputs is not None else example_from(train_data)).to(device)
-        self.expansions_, self.checkpoints_, self.history_, self._checks = [], [], [], 0
-        self.checks_: list[dict[str, Any]] = []
+        cfg = self.cfg
+        example = (example_inputs if example_inputs is not None else example_from(train_data)).to(device)
+        steps_per_epoch = math.ceil(num_samples(train_data) / cfg.batch_size)
+        st = self.state_ = GrowthState(device=device, example=example, train_data=train_data, val_data=val_data,
+                                       steps_per_epoch=steps_per_epoch)
         model = model.to(device)
-        steps_per_epoch = math.ceil(num_samples(train_data) / self.cfg.batch_size)
-        self._train_data_for_scores, self._steps_per_epoch = train_data, steps_per_epoch
-        start_epoch, state = 0, None
+        start_epoch, saved = 0, None
         if resume:
-            model, state = self._load_state(model, device)
-            start_epoch = state["epoch"] if state else 0
-        self._model = model
-        opt = make_optimizer([p for p in model.parameters() if p.requires_grad], self.cfg)
-        sched = make_scheduler(opt, self.cfg, steps_per_epoch)
-        if state is not None:
-            self._restore_optimizer(model, opt, sched, state)
+            model, saved = self._load_state(model, device)
+            start_epoch = saved["epoch"] if saved else 0
+        st.model = model
+        opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+        sched = make_scheduler(opt, cfg, steps_per_epoch)
+        if saved is not None:
+            self._restore_optimizer(model, opt, sched, saved)
         seed_everything(self.seed + start_epoch)
 
-        total_steps = self.cfg.epochs * steps_per_epoch
+        total_steps = cfg.epochs * steps_per_epoch
 
         def after_step(optimizer: torch.optim.Optimizer, step: int) -> None:
-            due = step >= self.warmup_steps and step % self.check_every == 0 and step < total_steps
+            due = step >= self.warmup_steps and step % self.options.check_every == 0 and step < total_steps
             if due and not self._budget_reached():
                 self._grow(optimizer, step)
 
         def on_epoch_end(epoch: int, record: dict) -> None:
-            self.history_.append(dict(record))
+            st.history.append(dict(record))
             self._save_state(opt, sched, epoch + 1)
-            self._notify(StepInfo(f"epoch_{epoch + 1}", epoch, self.cfg.epochs, record.get("val_accuracy"),
-                                  {"params": _num_params(self._model), "expansions": len(self.expansions_)}))
+            self._notify(StepInfo(f"epoch_{epoch + 1}", epoch, cfg.epochs, record.get("val_accuracy"),
+                                  {"params": _num_params(st.model), "expansions": len(st.expansions)}))
 
-        train(model, train_data, val_data, self.cfg, device=device, quiet=self.quiet, desc="grow",
+        train(model, train_data, val_data, cfg, device=device, quiet=self.quiet, desc="grow",
               after_step=after_step, on_epoch_end=on_epoch_end, optimizer=opt, scheduler=sched, start_epoch=start_epoch)
-        final_step = self.cfg.epochs * steps_per_epoch
-        if not self.checkpoints_ or self.checkpoints_[-1].expansion is not None:  # the final level
-            self._checkpoint(final_step, self.cfg.epochs, None)
-        self.report_ = [asdict(c) for c in self.checkpoints_]
-        widths_only = all(e["kind"] == "width" for e in self.expansions_)
-        return GrowthResult(self._model.eval(), list(self.checkpoints_), list(self.expansions_), list(self.history_), widths_only)
+        if not st.checkpoints or st.checkpoints[-1].expansion is not None:  # the final level
+            self._checkpoint(total_steps, cfg.epochs, None)
+        self.report_ = [asdict(c) for c in st.checkpoints]
+        widths_only = all(e["kind"] == "width" for e in st.expansions)
+        return GrowthResult(st.model.eval(), list(st.checkpoints), list(st.expansions), list(st.history), widths_only)
+
+    def result(self, fitted: GrowthResult, example_inputs: Optional[torch.Tensor] = None) -> StrategyResult:
+        """The run as a :class:`StrategyResult`: one row per complexity level; an elastic model when
+        growth was width-only (its levels are the growth stages)."""
+        rows = [dict(r, width=None) for r in self.report()]
+        em = None
+        if fitted.widths_only and fitted.expansions:
+            example = example_inputs if example_inputs is not None else self.state_.example
+            em = fitted.elastic_model(example.to(self.state_.device))
+        records = {"expansions": fitted.expansions, "checks": self.checks_}
+        return StrategyResult(elastic_model=em, rows=rows, checkpoints=[asdict(c) for c in fitted.checkpoints],
+                              records=records, model=fitted.model, metadata={"growth": rows})
 
     def _budget_reached(self) -> bool:
-        return self.max_params is not None and _num_params(self._model) >= self.max_params
+        return self.options.max_params is not None and _num_params(self.state_.model) >= self.options.max_params
 
     def _grow(self, optimizer: torch.optim.Optimizer, step: int) -> None:
-        model = self._model
-        x, y = self._score_batch(self._train_data_for_scores)
-        self._checks += 1
-        decision = self.check(model, x, y)
+        st = self.state_
+        model = st.model
+        x, y = self._score_batch()
+        st.num_checks += 1
+        decision = self.check(model, x, y, example=st.example)
         best = decision["best"]
-        self.checks_.append({"step": step, "eta": decision["eta"], "best": best,
-                             "gain": decision["candidates"][best]["gain"] if best else None, "expanded": decision["expand"]})
+        st.checks.append({"step": step, "eta": decision["eta"], "best": best,
+                          "gain": decision["candidates"][best]["gain"] if best else None, "expanded": decision["expand"]})
         logger.info("growth check at step %d: eta=%.4f best=%s", step, decision["eta"], decision["best"])
         if not decision["expand"]:
             return
-        name = decision["best"]
-        graph_before = {g.name: g.size for g in build_channel_graph(model, self._example).groups}
-        self._checkpoint(step, step // max(1, self._steps_per_epoch), name)
-        apply = self._candidate_ops[name]
+        graph_before = {g.name: g.size for g in build_channel_graph(model, st.example).groups}
+        self._checkpoint(step, step // max(1, st.steps_per_epoch), best)
         was_training = model.training
-        changes = apply(model)
+        changes = st.candidate_ops[best](model)
         model.train(was_training)
         update_optimizer(optimizer, changes)
-        graph_after = {g.name: g.size for g in build_channel_graph(model, self._example).groups}
-        self.expansions_.append({"step": step, "name": name, "kind": name.split(":")[0], "eta": decision["eta"],
-                                 "gain": decision["candidates"][name]["gain"], "params": _num_params(model),
-                                 "channels_before": graph_before, "channels_after": graph_after})
+        graph_after = {g.name: g.size for g in build_channel_graph(model, st.example).groups}
+        st.expansions.append({"step": step, "name": best, "kind": best.split(":")[0], "eta": decision["eta"],
+                              "gain": decision["candidates"][best]["gain"], "params": _num_params(model),
+                              "channels_before": graph_before, "channels_after": graph_after})
 
     def _checkpoint(self, step: int, epoch: int, expansion: Optional[str]) -> None:
-        model = self._model
-        acc = evaluate(model, self._val, device=self._device)["accuracy"]
-        level = len(self.checkpoints_)
+        st = self.state_
+        model = st.model
+        acc = evaluate(model, st.val_data, device=st.device)["accuracy"]
+        level = len(st.checkpoints)
         path = None
-        meta = {"level": level, "params": _num_params(model), "macs": self._macs(model), "accuracy": acc,
+        meta = {"level": level, "params": _num_params(model), "macs": count_macs(model, st.example), "accuracy": acc,
                 "step": step, "epoch": epoch, "expansion": expansion}
         if self.checkpoint_dir is not None:
             path = self.checkpoint_dir / f"level{level}.pt"
             atomic_save(growth_payload(model, meta), path)
             path = str(path)
-        self.checkpoints_.append(GrowthCheckpoint(path=path, **meta))
+        st.checkpoints.append(GrowthCheckpoint(path=path, **meta))
 
     # ------------------------------------------------------------------ resume
     def _save_state(self, opt: torch.optim.Optimizer, sched: Any, epoch: int) -> None:
         if self.checkpoint_dir is None:
             return
-        names = {p: n for n, p in self._model.named_parameters()}
+        st = self.state_
+        names = {p: n for n, p in st.model.named_parameters()}
         order = [[names[p] for p in g["params"]] for g in opt.param_groups]
         atomic_save(growth_payload(
-            self._model, {}, state=True, epoch=epoch, optimizer=opt.state_dict(), param_order=order,
-            scheduler=sched.state_dict(), checkpoints=[asdict(c) for c in self.checkpoints_],
-            expansions=self.expansions_, history=self.history_, checks=self._checks, config=self.config(),
+            st.model, {}, state=True, epoch=epoch, optimizer=opt.state_dict(), param_order=order,
+            scheduler=sched.state_dict(), checkpoints=[asdict(c) for c in st.checkpoints],
+            expansions=st.expansions, history=st.history, checks=st.num_checks, config=self.config(),
         ), self.checkpoint_dir / "state.pt")
 
     def _load_state(self, model: nn.Module, device: torch.device) -> tuple[nn.Module, Optional[dict]]:
@@ -395,12 +432,13 @@ class ExpansionGrowth(Strategy):
             logger.warning("resume: no %s; starting from the beginning", path)
             return model, None
         # the model growth started from, resized to the grown shapes (depth: the zoo record has the blocks)
-        model, state = read_growth(path, model=None if getattr(model, "nni_elastic_arch", None) else model, state=True)
+        model, saved = read_growth(path, model=None if getattr(model, "nni_elastic_arch", None) else model, state=True)
         model = model.to(device)
-        self._check_config(state.get("config"), path)
-        self.checkpoints_ = [GrowthCheckpoint(**c) for c in state["checkpoints"]]
-        self.expansions_, self.history_, self._checks = list(state["expansions"]), list(state["history"]), state["checks"]
-        return model, state
+        self._check_config(saved.get("config"), path)
+        st = self.state_
+        st.checkpoints = [GrowthCheckpoint(**c) for c in saved["checkpoints"]]
+        st.expansions, st.history, st.num_checks = list(saved["expansions"]), list(saved["history"]), saved["checks"]
+        return model, saved
 
     def _restore_optimizer(self, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, state: dict) -> None:
         named = dict(model.named_parameters())
@@ -408,4 +446,3 @@ class ExpansionGrowth(Strategy):
             group["params"] = [named[n] for n in names]
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-

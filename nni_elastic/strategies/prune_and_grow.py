@@ -33,23 +33,26 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import CheckpointError, read_checkpoint
+from ..checkpoint import CheckpointError, atomic_save, read_checkpoint
 from ..device import resolve_device
 from ..elastic import ElasticModel, check_widths
-from ..graph import GRADIENT_IMPORTANCES, IMPORTANCES
-from ..training import elastic_step, evaluate_levels, plain_step, seed_everything, train
-from ._base import ParameterGuard, Step, StepInfo, Strategy, example_from, first_batches, num_samples, train_config
+from ..graph import GRADIENT_IMPORTANCES
+from ..options import check_options, option
+from ..training import TrainConfig, elastic_step, evaluate_levels, plain_step, seed_everything, train
+from ._base import (ElasticOptions, ParameterGuard, Step, StepInfo, Strategy, StrategyResult, example_from,
+                    first_batches, num_samples, register_strategy)
 
-__all__ = ["PruneAndGrow", "GROW_MODES", "REGROW_MODES"]
+__all__ = ["PruneAndGrow", "PruneAndGrowOptions", "GROW_MODES", "REGROW_MODES"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +60,25 @@ GROW_MODES = ("freeze", "joint")
 REGROW_MODES = ("restore", "reinit")
 
 
-def _positive_int(name: str, value: Any, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
-    return value
+@dataclass
+class PruneAndGrowOptions:
+    """Settings of prune-and-grow (the recipe's ``strategy:`` section); see :class:`PruneAndGrow`."""
+
+    pretrain_epochs: int = option(0, ge=0)
+    prune_steps: int = option(3, gt=0)
+    finetune_epochs: int = option(1, ge=0)
+    grow_epochs: int = option(2, ge=0)
+    grow_mode: str = option("joint", choices=GROW_MODES)
+    regrow: str = option("restore", choices=REGROW_MODES)
+    finetune_lr: Optional[float] = option(None, gt=0)
+    grow_lr: Optional[float] = option(None, gt=0)
+    calibrate_batches: int = option(20, ge=0)
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
+@register_strategy("prune_and_grow")
 class PruneAndGrow(Strategy):
     """Prune a CNN down to a compact core, then grow it back level by level into an ElasticModel.
 
@@ -86,70 +102,55 @@ class PruneAndGrow(Strategy):
         seed, device, quiet: reproducibility, ``auto|cpu|cuda``, progress display.
         checkpoint_dir: where a checkpoint is written after every step (needed for ``resume``).
         on_step_end: called with a :class:`StepInfo` after each step (e.g. to report to NNI).
+
+    The settings are three typed objects, each given whole or field by field:
+    :class:`PruneAndGrowOptions` (``options=``), :class:`~nni_elastic.training.TrainConfig`
+    (``train=``: lr, batch size, optimizer, momentum, weight decay, seed) and
+    :class:`~nni_elastic.strategies.ElasticOptions` (``elastic=``: widths, importance, bn,
+    ignored_layers, round_to).
     """
 
-    name = "prune_and_grow"
+    Options = PruneAndGrowOptions
 
-    def __init__(
-        self,
-        widths: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
-        *,
-        importance: Union[str, Callable] = "l1",
-        prune_steps: int = 3,
-        pretrain_epochs: int = 0,
-        finetune_epochs: int = 1,
-        grow_epochs: int = 2,
-        grow_mode: str = "joint",
-        regrow: str = "restore",
-        lr: float = 0.05,
-        finetune_lr: Optional[float] = None,
-        grow_lr: Optional[float] = None,
-        batch_size: int = 64,
-        optimizer: str = "sgd",
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        bn: str = "per_level",
-        ignored_layers: Sequence[str] = (),
-        round_to: int = 1,
-        calibrate_batches: int = 20,
-        seed: int = 0,
-        device: str = "auto",
-        quiet: bool = False,
-        checkpoint_dir: Optional[Union[str, Path]] = None,
-        on_step_end: Optional[Callable[[StepInfo], Any]] = None,
-    ) -> None:
-        super().__init__(checkpoint_dir=checkpoint_dir, quiet=quiet, on_step_end=on_step_end)
-        self.widths = check_widths(widths)
-        if isinstance(importance, str):
-            IMPORTANCES.get(importance)  # unknown names fail here, listing the known ones
-        if grow_mode not in GROW_MODES:
-            raise ValueError(f"grow_mode={grow_mode!r} is not supported; use one of {GROW_MODES}")
-        if regrow not in REGROW_MODES:
-            raise ValueError(f"regrow={regrow!r} is not supported; use one of {REGROW_MODES}")
+    def __init__(self, widths: Optional[Sequence[float]] = None, **settings: Any) -> None:
+        if widths is not None:
+            settings["widths"] = check_widths(widths)  # its own messages for the Python API
+        super().__init__(**settings)
         below_full = sum(1 for w in self.widths if w < 1.0)
-        self.prune_steps = _positive_int("prune_steps", prune_steps, max(1, below_full))
-        self.pretrain_epochs = _positive_int("pretrain_epochs", pretrain_epochs)
-        self.finetune_epochs = _positive_int("finetune_epochs", finetune_epochs)
-        self.grow_epochs = _positive_int("grow_epochs", grow_epochs)
-        self.calibrate_batches = _positive_int("calibrate_batches", calibrate_batches)
-        for key, value in (("lr", lr), ("finetune_lr", finetune_lr), ("grow_lr", grow_lr)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{key}={value!r} must be > 0")
-        self.importance, self.grow_mode, self.regrow = importance, grow_mode, regrow
-        self.lr = lr
-        self.finetune_lr = finetune_lr if finetune_lr is not None else lr / 5
-        self.grow_lr = grow_lr if grow_lr is not None else lr / 2
-        self.batch_size, self.optimizer, self.momentum, self.weight_decay = batch_size, optimizer, momentum, weight_decay
-        self.bn, self.ignored_layers, self.round_to = bn, list(ignored_layers), round_to
-        self.seed, self.device = seed, device
-        train_config(1, lr, batch_size, optimizer, momentum, weight_decay, seed)  # validates them now
+        if self.options.prune_steps < max(1, below_full):
+            raise ValueError(f"prune_steps={self.options.prune_steps!r} must be an integer >= {max(1, below_full)} "
+                             f"(one step per level below the full width)")
+
+    @classmethod
+    def num_levels(cls, options: PruneAndGrowOptions, elastic: ElasticOptions) -> Optional[int]:
+        return len(elastic.widths)
+
+    @property
+    def widths(self) -> list[float]:
+        return self.elastic.widths
+
+    @property
+    def ignored_layers(self) -> list[str]:
+        return self.elastic.ignored_layers
+
+    @ignored_layers.setter
+    def ignored_layers(self, value: Sequence[str]) -> None:
+        self.elastic = dataclasses.replace(self.elastic, ignored_layers=list(value))
+
+    @property
+    def finetune_lr(self) -> float:
+        return self.options.finetune_lr if self.options.finetune_lr is not None else self.train.lr / 5
+
+    @property
+    def grow_lr(self) -> float:
+        return self.options.grow_lr if self.options.grow_lr is not None else self.train.lr / 2
 
     # ------------------------------------------------------------------ plan
     def prune_path(self) -> list[float]:
         """Target widths of the pruning steps, largest first (level widths plus intermediate ones)."""
         levels = sorted((w for w in self.widths if w < 1.0), reverse=True)
         points = [1.0] + levels
-        extra = self.prune_steps - len(levels)
+        extra = self.options.prune_steps - len(levels)
         inserted: list[float] = []
         for _ in range(extra):  # split the gap with the largest ratio at its geometric mean
             all_points = sorted(set(points + inserted), reverse=True)
@@ -161,7 +162,7 @@ class PruneAndGrow(Strategy):
     def plan(self) -> list[Step]:
         """The named steps ``fit`` runs, in order."""
         steps = []
-        if self.pretrain_epochs:
+        if self.options.pretrain_epochs:
             steps.append(Step("pretrain", "pretrain"))
         steps.append(Step("wrap", "wrap"))
         previous: Optional[float] = None  # None: the largest level
@@ -186,6 +187,7 @@ class PruneAndGrow(Strategy):
         """Run every step (skipping those a checkpoint records as done when ``resume``)."""
         device = resolve_device(self.device)
         example = example_inputs if example_inputs is not None else example_from(train_data)
+        data = _Data(train_data, val_data, device)
         steps = self.plan()
         em: Optional[ElasticModel] = None
         self.completed_, self.records_ = [], {"compute_full_epochs": 0.0, "steps": {}}
@@ -193,29 +195,28 @@ class PruneAndGrow(Strategy):
             em = self._resume(model, device)
             self.elastic_model_ = em
         model = model.to(device)
-        self._train_data, self._val_data, self._device = train_data, val_data, device
         for index, step in enumerate(steps):
             if step.name in self.completed_:
                 continue
-            seed_everything(self.seed + 1000 * index)
+            seed_everything(self.train.seed + 1000 * index)
             if step.kind == "pretrain":
-                info = self._pretrain(model, index)
+                info = self._pretrain(model, data, index)
             elif step.kind == "wrap":
-                em = self._wrap(model, example, device, train_data)
+                em = self._wrap(model, example, data)
                 info = {}
                 self.elastic_model_ = em
             elif step.kind == "prune":
-                info = self._prune(em, *step.arg, index)
+                info = self._prune(em, *step.arg, data, index)
             elif step.kind == "grow":
-                info = self._grow(em, step.arg, index)
+                info = self._grow(em, step.arg, data, index)
             else:
-                info = self._calibrate(em, train_data, val_data)
+                info = self._calibrate(em, data)
             self.records_["steps"][step.name] = info
             self.completed_.append(step.name)
             self._save(em, model, step)
             self._notify(StepInfo(step.name, index, len(steps), info.get("val_accuracy"), info))
         self.elastic_model_ = em
-        self._build_report(em, val_data, device)
+        self._build_report(em, data)
         self.measure_latency()
         return em.eval()  # ready to deploy: a train-mode forward would move a level's BatchNorm statistics
 
@@ -240,8 +241,6 @@ class PruneAndGrow(Strategy):
     def _save(self, em: Optional[ElasticModel], model: nn.Module, step: Step) -> None:
         if self.checkpoint_dir is None:
             return
-        from ..checkpoint import atomic_save
-
         if em is None:
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             atomic_save({"state_dict": state, "strategy_state": self._state(), "config": self.config()},
@@ -251,28 +250,38 @@ class PruneAndGrow(Strategy):
 
     def config(self) -> dict[str, Any]:
         """The strategy's settings as plain data (stored in checkpoints)."""
-        keys = ("widths", "prune_steps", "pretrain_epochs", "finetune_epochs", "grow_epochs", "grow_mode", "regrow",
-                "lr", "finetune_lr", "grow_lr", "batch_size", "optimizer", "momentum", "weight_decay", "bn",
-                "round_to", "calibrate_batches", "seed")
-        out = {k: getattr(self, k) for k in keys}
-        out["importance"] = self.importance if isinstance(self.importance, str) else "callable"
+        o, t, e = self.options, self.train, self.elastic
+        out = {"widths": e.widths, "prune_steps": o.prune_steps, "pretrain_epochs": o.pretrain_epochs,
+               "finetune_epochs": o.finetune_epochs, "grow_epochs": o.grow_epochs, "grow_mode": o.grow_mode,
+               "regrow": o.regrow, "lr": t.lr, "finetune_lr": self.finetune_lr, "grow_lr": self.grow_lr,
+               "batch_size": t.batch_size, "optimizer": t.optimizer, "momentum": t.momentum,
+               "weight_decay": t.weight_decay, "bn": e.bn, "round_to": e.round_to,
+               "calibrate_batches": o.calibrate_batches, "seed": t.seed}
+        out["importance"] = e.importance if isinstance(e.importance, str) else "callable"
         return out
 
     # ------------------------------------------------------------------ steps
-    def _cfg(self, epochs: int, lr: float, index: int):
-        return train_config(epochs, lr, self.batch_size, self.optimizer, self.momentum, self.weight_decay, self.seed + 1000 * index)
+    def _cfg(self, epochs: int, lr: float, index: int) -> TrainConfig:
+        """The training settings of step ``index``: its epochs and rate, a seed of its own."""
+        return dataclasses.replace(self.train, epochs=epochs, lr=lr, seed=self.train.seed + 1000 * index)
 
-    def _pretrain(self, model: nn.Module, index: int) -> dict[str, Any]:
-        hist = train(model, self._train_data, self._val_data, self._cfg(self.pretrain_epochs, self.lr, index),
-                     device=self._device, quiet=self.quiet, desc="pretrain")
-        self.records_["pretrain_epochs_done"] = self.pretrain_epochs
-        return {"val_accuracy": hist.last.get("val_accuracy"), "full_epochs": float(self.pretrain_epochs)}
+    def _importance_data(self, data: _Data) -> Optional[list]:
+        if self.elastic.importance in GRADIENT_IMPORTANCES:
+            return first_batches(data.train, self.train.batch_size, 4)
+        return None
 
-    def _wrap(self, model: nn.Module, example: torch.Tensor, device: torch.device, train_data: Any) -> ElasticModel:
-        data = first_batches(train_data, self.batch_size, 4) if self.importance in GRADIENT_IMPORTANCES else None
-        em = ElasticModel(model, example.to(device), self.widths, importance=self.importance,
-                          ignored_layers=self.ignored_layers, bn=self.bn, round_to=self.round_to, data=data)
-        em = em.to(device)
+    def _pretrain(self, model: nn.Module, data: _Data, index: int) -> dict[str, Any]:
+        epochs = self.options.pretrain_epochs
+        hist = train(model, data.train, data.val, self._cfg(epochs, self.train.lr, index),
+                     device=data.device, quiet=self.quiet, desc="pretrain")
+        self.records_["pretrain_epochs_done"] = epochs
+        return {"val_accuracy": hist.last.get("val_accuracy"), "full_epochs": float(epochs)}
+
+    def _wrap(self, model: nn.Module, example: torch.Tensor, data: _Data) -> ElasticModel:
+        e = self.elastic
+        em = ElasticModel(model, example.to(data.device), e.widths, importance=e.importance, ignored_layers=e.ignored_layers,
+                          bn=e.bn, round_to=e.round_to, unsupported=e.unsupported, data=self._importance_data(data))
+        em = em.to(data.device)
         # pretraining ran at full width before wrapping: its compute counts in full-model epochs
         self.records_["compute_full_epochs"] += float(self.records_.get("pretrain_epochs_done", 0))
         return em
@@ -289,51 +298,53 @@ class PruneAndGrow(Strategy):
             return em.levels[level].macs / full
         return em.count(level)[0] / full
 
-    def _prune(self, em: ElasticModel, width: float, previous: Optional[float], index: int) -> dict[str, Any]:
+    def _prune(self, em: ElasticModel, width: float, previous: Optional[float], data: _Data, index: int) -> dict[str, Any]:
         # the channels kept by the previous step (a pure function of the plan, so resume agrees)
         prefix = em.channels_of(-1 if previous is None else self._level_of(em, previous))
-        data = first_batches(self._train_data, self.batch_size, 4) if self.importance in GRADIENT_IMPORTANCES else None
-        em.reorder(self.importance, data=data, prefix=prefix)  # re-score the channels still kept
+        em.reorder(self.elastic.importance, data=self._importance_data(data), prefix=prefix)  # re-score the channels still kept
         target = self._level_of(em, width)
         em.set_level(target)
         guard = ParameterGuard(em.model, em.parameter_masks(target))
-        hist = train(em, self._train_data, self._val_data, self._cfg(self.finetune_epochs, self.finetune_lr, index),
-                     params=guard.params, after_step=guard, device=self._device, quiet=self.quiet, desc=f"prune to {width:.2f}")
+        epochs = self.options.finetune_epochs
+        hist = train(em, data.train, data.val, self._cfg(epochs, self.finetune_lr, index),
+                     params=guard.params, after_step=guard, device=data.device, quiet=self.quiet, desc=f"prune to {width:.2f}")
         ratio = self._macs_ratio(em, target)
-        self.records_["compute_full_epochs"] += self.finetune_epochs * ratio
+        self.records_["compute_full_epochs"] += epochs * ratio
         return {"width": width, "val_accuracy": hist.last.get("val_accuracy"), "macs_ratio": ratio}
 
-    def _grow(self, em: ElasticModel, level: int, index: int) -> dict[str, Any]:
+    def _grow(self, em: ElasticModel, level: int, data: _Data, index: int) -> dict[str, Any]:
         em.set_level(level)
         new = em.parameter_masks(level)
         old = em.parameter_masks(level - 1)
         fresh = {k: new[k] & ~old[k] for k in new}
-        if self.regrow == "reinit":
+        if self.options.regrow == "reinit":
             _reinit(em.model, fresh)
-        if self.grow_mode == "freeze":
+        if self.options.grow_mode == "freeze":
             trainable, step, levels = fresh, plain_step, [level]
         else:
             trainable, levels = new, list(range(level + 1))
             step = lambda m, x, y: elastic_step(m, x, y, levels=levels)  # noqa: E731
         guard = ParameterGuard(em.model, trainable)
-        hist = train(em, self._train_data, self._val_data, self._cfg(self.grow_epochs, self.grow_lr, index),
-                     step=step, params=guard.params, after_step=guard, device=self._device, quiet=self.quiet,
+        epochs = self.options.grow_epochs
+        hist = train(em, data.train, data.val, self._cfg(epochs, self.grow_lr, index),
+                     step=step, params=guard.params, after_step=guard, device=data.device, quiet=self.quiet,
                      desc=f"grow level {level}")
-        self.records_["compute_full_epochs"] += self.grow_epochs * sum(self._macs_ratio(em, i) for i in levels)
+        self.records_["compute_full_epochs"] += epochs * sum(self._macs_ratio(em, i) for i in levels)
         return {"level": level, "val_accuracy": hist.last.get("val_accuracy")}
 
-    def _calibrate(self, em: ElasticModel, train_data: Any, val_data: Any) -> dict[str, Any]:
-        if self.calibrate_batches:
-            batches = first_batches(train_data, self.batch_size, self.calibrate_batches)
+    def _calibrate(self, em: ElasticModel, data: _Data) -> dict[str, Any]:
+        if self.options.calibrate_batches:
+            batches = first_batches(data.train, self.train.batch_size, self.options.calibrate_batches)
             for i in range(em.num_levels):
                 em.calibrate_bn(batches, level=i)
         em.set_level(-1)
-        acc = evaluate_levels(em, val_data, device=self._device)
+        acc = evaluate_levels(em, data.val, device=data.device)
         self.records_["level_accuracy"] = [r["accuracy"] for r in acc]
         return {"val_accuracy": acc[-1]["accuracy"], "level_accuracy": self.records_["level_accuracy"]}
 
-    def _build_report(self, em: ElasticModel, val_data: Any, device: torch.device) -> None:
-        accuracy = self.records_.get("level_accuracy") or [r["accuracy"] for r in evaluate_levels(em, val_data, device=device)]
+    def _build_report(self, em: ElasticModel, data: _Data) -> None:
+        accuracy = (self.records_.get("level_accuracy")
+                    or [r["accuracy"] for r in evaluate_levels(em, data.val, device=data.device)])
         rows = em.describe()
         for row, acc in zip(rows, accuracy):
             row["accuracy"] = acc
@@ -341,7 +352,7 @@ class PruneAndGrow(Strategy):
         full = em.levels[-1].macs
         self.compute_ = {
             "full_epochs": self.records_["compute_full_epochs"],
-            "mac_samples": self.records_["compute_full_epochs"] * full * num_samples(self._train_data),
+            "mac_samples": self.records_["compute_full_epochs"] * full * num_samples(data.train),
         }
 
     def measure_latency(self, batch_size: int = 1) -> list[dict[str, Any]]:
@@ -352,6 +363,20 @@ class PruneAndGrow(Strategy):
             row["latency_ms"] = lv.latency_ms
         return self.report()
 
+    def result(self, em: ElasticModel, example_inputs: Optional[torch.Tensor] = None) -> StrategyResult:
+        """The run as a :class:`StrategyResult` (``fit`` returns the elastic model itself)."""
+        rows = self.report()
+        return StrategyResult(elastic_model=em, rows=rows, compute=dict(self.compute_), records=self.records_,
+                              model=em.model, metadata={"accuracy": [r["accuracy"] for r in rows], "report": rows})
+
+
+@dataclass
+class _Data:
+    """What every step of one ``fit`` reads: the data and the device."""
+
+    train: Any
+    val: Any
+    device: torch.device
 
 
 @torch.no_grad()
