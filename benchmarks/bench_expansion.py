@@ -112,7 +112,7 @@ def main(argv=None) -> int:
                                 max_params=args.max_params, score_batch=128, epochs=args.epochs, batch_size=args.batch_size,
                                 device=args.device, quiet=True, checkpoint_dir=ckpt_dir)
         start = time.time()
-        res = eg.fit(model, splits.train, splits.val)
+        res = eg.fit(model, splits.train, splits.val).details
         growth_s = time.time() - start
         rows = []
         for c in res.checkpoints:

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
                          regrow=args.regrow, lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device,
                          quiet=args.quiet)
     start = time.time()
-    em = pg.fit(model, splits.train, splits.val)
+    em = pg.fit(model, splits.train, splits.val).elastic_model
     seconds = time.time() - start
     levels = []
     for lv, twin in zip(em.levels, twins):

@@ -118,7 +118,9 @@ def grow(digits, channels, **kwargs):
     settings = dict(threshold=0.03, check_every=23, warmup_steps=92, score_batch=128, epochs=8, quiet=True)
     settings.update(kwargs)
     eg = ne.ExpansionGrowth(**settings)
-    return eg, eg.fit(model, digits.train, digits.val)
+    result = eg.fit(model, digits.train, digits.val)
+    assert isinstance(result, ne.StrategyResult) and len(result.rows) == len(result.details.checkpoints)
+    return eg, result.details
 
 
 def test_a_too_small_network_grows_and_a_big_enough_one_does_not(digits):
@@ -162,7 +164,7 @@ def test_resume_after_interruption_matches_the_uninterrupted_run(digits, tmp_pat
     resumed = ne.ExpansionGrowth(threshold=0.03, check_every=23, warmup_steps=92, score_batch=128, epochs=6, quiet=True,
                                  checkpoint_dir=tmp_path / "b").fit(
         ne.create_model("growable_cnn", num_classes=10, in_channels=1, channels=[4, 8, 8], blocks=[0, 0, 0]),
-        digits.train, digits.val, resume=True)
+        digits.train, digits.val, resume=True).details
     assert [e["name"] for e in resumed.expansions] == [e["name"] for e in reference.expansions]
     ref, res = reference.model.state_dict(), resumed.model.state_dict()
     assert ref.keys() == res.keys()

@@ -44,7 +44,9 @@ def frozen_run(digits):
             snapshots[info.name] = {lv: level_weights(em, lv) for lv in range(em.num_levels)}
 
     pg.on_step_end = snapshot
-    em = pg.fit(fresh_model(), digits.train, digits.val)
+    result = pg.fit(fresh_model(), digits.train, digits.val)
+    assert isinstance(result, ne.StrategyResult) and result.rows == pg.report()
+    em = result.elastic_model
     return pg, em, snapshots
 
 
@@ -116,7 +118,7 @@ class Interrupt(Exception):
 
 
 def test_resume_skips_finished_steps_and_reproduces_the_uninterrupted_run(digits, tmp_path):
-    reference = ne.PruneAndGrow(grow_mode="freeze", **FAST, checkpoint_dir=tmp_path / "a").fit(fresh_model(), digits.train, digits.val)
+    reference = ne.PruneAndGrow(grow_mode="freeze", **FAST, checkpoint_dir=tmp_path / "a").fit(fresh_model(), digits.train, digits.val).elastic_model
 
     def stop_after_prune(info):
         if info.name.startswith("prune_1"):
@@ -127,7 +129,7 @@ def test_resume_skips_finished_steps_and_reproduces_the_uninterrupted_run(digits
             fresh_model(), digits.train, digits.val)
     ran = []
     resumed_pg = ne.PruneAndGrow(grow_mode="freeze", **FAST, checkpoint_dir=tmp_path / "b", on_step_end=lambda i: ran.append(i.name))
-    resumed = resumed_pg.fit(fresh_model(seed=123), digits.train, digits.val, resume=True)
+    resumed = resumed_pg.fit(fresh_model(seed=123), digits.train, digits.val, resume=True).elastic_model
     names = [s.name for s in resumed_pg.plan()]
     first_left = names.index([n for n in names if n.startswith("prune_1")][0]) + 1
     assert ran == names[first_left:]  # nothing finished before the interruption ran again

@@ -238,7 +238,9 @@ class PruneAndGrowPruner(Pruner):
                 "PruneAndGrowPruner.compress() takes no max_steps/max_epochs; set pretrain_epochs, "
                 "finetune_epochs and grow_epochs on the strategy"
             )
-        em = self.strategy.fit(self._plain_copy(), self.train_data, self.val_data, example_inputs=self._dummy_input())
+        em = self.strategy.fit(
+            self._plain_copy(), self.train_data, self.val_data, example_inputs=self._dummy_input()
+        ).elastic_model
         self.elastic_model = em
         self._load_weights(self._plain_state(em, self.level))
         self.update_masks(self.masks_of(self.level))

@@ -100,7 +100,7 @@ class ElasticOptions:
 
 @dataclass
 class StrategyResult:
-    """What :meth:`Strategy.run` returns, for every strategy.
+    """What :meth:`Strategy.fit` (and :meth:`Strategy.run`) returns, for every strategy.
 
     Attributes:
         elastic_model: the levels as one :class:`ElasticModel` (None when the strategy has none).
@@ -111,6 +111,8 @@ class StrategyResult:
         records: the strategy's own results (plain data; written to ``levels.json``).
         model: the trained plain model, when there is one.
         metadata: stored with the elastic model (``ElasticModel.save``).
+        details: the strategy's own richer result, if it has one (e.g. expansion growth's
+            :class:`~nni_elastic.strategies.expansion_growth.GrowthResult`).
     """
 
     elastic_model: Optional[ElasticModel] = None
@@ -120,6 +122,7 @@ class StrategyResult:
     records: dict[str, Any] = field(default_factory=dict)
     model: Optional[nn.Module] = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    details: Any = None
 
 
 @dataclass
@@ -229,21 +232,17 @@ class Strategy(abc.ABC):
 
     @abc.abstractmethod
     def fit(self, model: nn.Module, train_data: Dataset | DataLoader, val_data: Dataset | DataLoader, *,
-            resume: bool = False, example_inputs: Optional[torch.Tensor] = None) -> Any:
-        """Run the strategy on ``model``; a new strategy returns a :class:`StrategyResult`."""
-
-    def result(self, fitted: Any, example_inputs: Optional[torch.Tensor] = None) -> StrategyResult:
-        """The :class:`StrategyResult` of what :meth:`fit` returned (override when ``fit`` returns something else)."""
-        if isinstance(fitted, StrategyResult):
-            return fitted
-        raise TypeError(f"{type(self).__name__}.fit returned {type(fitted).__name__}; return a StrategyResult "
-                        f"or override result()")
+            resume: bool = False, example_inputs: Optional[torch.Tensor] = None) -> StrategyResult:
+        """Run the strategy on ``model`` and return its :class:`StrategyResult`."""
 
     def run(self, model: nn.Module, train_data: Dataset | DataLoader, val_data: Dataset | DataLoader, *,
             resume: bool = False, example_inputs: Optional[torch.Tensor] = None) -> StrategyResult:
-        """:meth:`fit`, then its :class:`StrategyResult` (what the recipe runner and the adapters call)."""
-        fitted = self.fit(model, train_data, val_data, resume=resume, example_inputs=example_inputs)
-        return self.result(fitted, example_inputs)
+        """:meth:`fit`, checked to return a :class:`StrategyResult` (what the runner and the adapters call)."""
+        result = self.fit(model, train_data, val_data, resume=resume, example_inputs=example_inputs)
+        if not isinstance(result, StrategyResult):
+            raise TypeError(f"{type(self).__name__}.fit returned {type(result).__name__}; the strategy contract "
+                            "is to return a StrategyResult")
+        return result
 
     def report(self) -> list[dict[str, Any]]:
         """One row per level: level, width, MACs, params, accuracy, latency (after ``fit``)."""

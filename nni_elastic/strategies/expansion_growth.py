@@ -35,7 +35,7 @@ new entries start with zero momentum.
 Example:
     >>> eg = ExpansionGrowth(threshold=0.03, check_every=50, max_params=200_000, damping=1.0)
     >>> result = eg.fit(create_model("growable_cnn", in_channels=1, channels=(8, 16, 32)), train, val)
-    >>> [(c.params, c.accuracy) for c in result.checkpoints]
+    >>> [(row["params"], row["accuracy"]) for row in result.rows]   # result.details: the GrowthResult
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ class GrowthCheckpoint:
 
 @dataclass
 class GrowthResult:
-    """What :meth:`ExpansionGrowth.fit` returns."""
+    """The growth run in detail (``ExpansionGrowth.fit(...).details``)."""
 
     model: nn.Module
     checkpoints: list[GrowthCheckpoint]
@@ -318,8 +318,13 @@ class ExpansionGrowth(Strategy):
 
     # ------------------------------------------------------------------ fit
     def fit(self, model: nn.Module, train_data: Dataset | DataLoader, val_data: Dataset | DataLoader, *,
-            resume: bool = False, example_inputs: Optional[torch.Tensor] = None) -> GrowthResult:
-        """Train with growth checks; return the final model and one checkpoint per complexity level."""
+            resume: bool = False, example_inputs: Optional[torch.Tensor] = None) -> StrategyResult:
+        """Train with growth checks: one checkpoint per complexity level.
+
+        Returns the :class:`StrategyResult` (one row per complexity level; ``elastic_model`` when
+        growth was width-only); ``result.details`` is the :class:`GrowthResult` (final model,
+        checkpoints, expansions, history).
+        """
         device = resolve_device(self.device)
         cfg = self.cfg
         example = (example_inputs if example_inputs is not None else example_from(train_data)).to(device)
@@ -357,9 +362,10 @@ class ExpansionGrowth(Strategy):
             self._checkpoint(total_steps, cfg.epochs, None)
         self.report_ = [asdict(c) for c in st.checkpoints]
         widths_only = all(e["kind"] == "width" for e in st.expansions)
-        return GrowthResult(st.model.eval(), list(st.checkpoints), list(st.expansions), list(st.history), widths_only)
+        growth = GrowthResult(st.model.eval(), list(st.checkpoints), list(st.expansions), list(st.history), widths_only)
+        return self._result(growth, example_inputs)
 
-    def result(self, fitted: GrowthResult, example_inputs: Optional[torch.Tensor] = None) -> StrategyResult:
+    def _result(self, fitted: GrowthResult, example_inputs: Optional[torch.Tensor] = None) -> StrategyResult:
         """The run as a :class:`StrategyResult`: one row per complexity level; an elastic model when
         growth was width-only (its levels are the growth stages)."""
         rows = [dict(r, width=None) for r in self.report()]
@@ -369,7 +375,7 @@ class ExpansionGrowth(Strategy):
             em = fitted.elastic_model(example.to(self.state_.device))
         records = {"expansions": fitted.expansions, "checks": self.checks_}
         return StrategyResult(elastic_model=em, rows=rows, checkpoints=[asdict(c) for c in fitted.checkpoints],
-                              records=records, model=fitted.model, metadata={"growth": rows})
+                              records=records, model=fitted.model, metadata={"growth": rows}, details=fitted)
 
     def _budget_reached(self) -> bool:
         return self.options.max_params is not None and _num_params(self.state_.model) >= self.options.max_params

@@ -28,7 +28,7 @@ setting (frozen core, restored weights) is ``grow_mode="freeze", regrow="restore
 Example:
     >>> pg = PruneAndGrow(widths=(0.25, 0.5, 0.75, 1.0), importance="l1", prune_steps=4,
     ...                   finetune_epochs=2, grow_epochs=3)
-    >>> em = pg.fit(model, train_data, val_data)
+    >>> em = pg.fit(model, train_data, val_data).elastic_model
     >>> print(pg.report())
 """
 from __future__ import annotations
@@ -183,8 +183,11 @@ class PruneAndGrow(Strategy):
         *,
         resume: bool = False,
         example_inputs: Optional[torch.Tensor] = None,
-    ) -> ElasticModel:
-        """Run every step (skipping those a checkpoint records as done when ``resume``)."""
+    ) -> StrategyResult:
+        """Run every step (skipping those a checkpoint records as done when ``resume``).
+
+        Returns the :class:`StrategyResult`; ``result.elastic_model`` holds the levels, in eval mode.
+        """
         device = resolve_device(self.device)
         example = example_inputs if example_inputs is not None else example_from(train_data)
         data = _Data(train_data, val_data, device)
@@ -218,7 +221,8 @@ class PruneAndGrow(Strategy):
         self.elastic_model_ = em
         self._build_report(em, data)
         self.measure_latency()
-        return em.eval()  # ready to deploy: a train-mode forward would move a level's BatchNorm statistics
+        # eval: ready to deploy (a train-mode forward would move a level's BatchNorm statistics)
+        return self._result(em.eval())
 
     def _resume(self, model: nn.Module, device: torch.device) -> Optional[ElasticModel]:
         if self.checkpoint_dir is None:
@@ -363,8 +367,7 @@ class PruneAndGrow(Strategy):
             row["latency_ms"] = lv.latency_ms
         return self.report()
 
-    def result(self, em: ElasticModel, example_inputs: Optional[torch.Tensor] = None) -> StrategyResult:
-        """The run as a :class:`StrategyResult` (``fit`` returns the elastic model itself)."""
+    def _result(self, em: ElasticModel) -> StrategyResult:
         rows = self.report()
         return StrategyResult(elastic_model=em, rows=rows, compute=dict(self.compute_), records=self.records_,
                               model=em.model, metadata={"accuracy": [r["accuracy"] for r in rows], "report": rows})
