@@ -202,10 +202,69 @@ class _Sliced:
     _ne_original: type
 
 
+@dataclass
+class FastSpec:
+    """A level precomputed for inference (see ``ElasticModel.prepare_inference``).
+
+    Attributes:
+        tensors: ready tensors (sliced, contiguous, BatchNorm folded in) by parameter/buffer name.
+        attrs: channel-count attributes, as in :class:`SliceSpec`.
+        identity: the module was folded into the layer before it: its forward returns its input.
+        sources: ``(tensor, version)`` of every tensor the precomputation read; if one has changed
+            since (training, calibration), the module runs its ordinary sliced forward instead.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    attrs: dict[str, Any]
+    identity: bool
+    sources: tuple[tuple[torch.Tensor, int], ...]
+
+    def fresh(self) -> bool:
+        return all(t._version == v for t, v in self.sources)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def set_fast(module: nn.Module, slot: int, fast: Optional[FastSpec]) -> None:
+    """Set (or with ``None`` drop) the precomputed inference form of a sliced module for one slot."""
+    table = module.__dict__.setdefault("_ne_fast", {})
+    if fast is None:
+        table.pop(slot, None)
+    else:
+        table[slot] = fast
+
+
+def _fast_forward(self: Any, base: Any, fast: FastSpec, args: tuple, kwargs: dict) -> Any:
+    if fast.identity:
+        return args[0]
+    params, buffers, attrs = self._parameters, self._buffers, self.__dict__
+    saved_p = {n: params[n] for n in fast.tensors if n in params}
+    saved_b = {n: buffers.get(n) for n in fast.tensors if n not in params}
+    saved_a = {n: attrs[n] for n in fast.attrs}
+    for name, t in fast.tensors.items():
+        (params if name in saved_p else buffers)[name] = t
+    attrs.update(fast.attrs)
+    attrs["_ne_active"] = True
+    try:
+        return base(self, *args, **kwargs)
+    finally:
+        attrs.pop("_ne_active", None)
+        params.update(saved_p)
+        buffers.update(saved_b)
+        attrs.update(saved_a)
+
+
 def _sliced_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     base = self._ne_original.forward
     if self.__dict__.get("_ne_active"):  # re-entered from its own forward: already sliced
         return base(self, *args, **kwargs)
+    fast_table = self.__dict__.get("_ne_fast")
+    if fast_table and not self.training and not torch.is_grad_enabled():
+        fast = fast_table.get(self._ne_state.index)
+        if fast is not None and fast.fresh():
+            return _fast_forward(self, base, fast, args, kwargs)
     spec: SliceSpec = self._ne_specs[self._ne_state.index]
     rows = "level_running_mean" in self._buffers
     if spec.is_full and not rows:
@@ -354,7 +413,7 @@ def make_plain(module: nn.Module, bn_row: int) -> None:
         for name in ("level_running_mean", "level_running_var", "level_num_batches_tracked"):
             delattr(module, name)
         module.running_mean, module.running_var, module.num_batches_tracked = mean, var, count
-    for name in ("_ne_specs", "_ne_state", "_ne_active"):
+    for name in ("_ne_specs", "_ne_state", "_ne_active", "_ne_fast"):
         module.__dict__.pop(name, None)
     module.__class__ = module.__dict__.pop("_ne_original")
 

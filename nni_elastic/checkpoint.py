@@ -406,6 +406,7 @@ def load_elastic(cls: type, path: PathLike, *, model: Optional[nn.Module] = None
     _load_weights(em.model, state, path)
     for level, lv in zip(em.levels_, saved):
         level.width, level.macs, level.params = lv["width"], lv["macs"], lv["params"]
+        level.latency = {str(k): float(v) for k, v in (lv.get("latency") or {}).items()}
     em.metadata = payload.get("metadata", {})
     return em
 

@@ -16,7 +16,8 @@ import torch
 
 from .checkpoint import atomic_write_json, ensure_output_dir
 from .device import DEVICES, resolve_device
-from .reporting import DEFAULT_EXPORTS, EXPORT_FORMATS, plot_levels, print_table, run_command, save_exports
+from .elastic import LATENCY_FORMS
+from .reporting import DEFAULT_EXPORTS, check_export_formats, plot_levels, print_table, run_command, save_exports
 from .config import parse_overrides
 
 logger = logging.getLogger("nni_elastic")
@@ -71,8 +72,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, overrides)
     result = run_recipe(recipe, output=args.out, resume=args.resume, quiet=args.quiet)
     if not args.quiet:
+        timing = result.records.get("latency") if isinstance(result.records, dict) else None
+        where = (f"latency: {timing['form']} form, batch {timing['batch_size']} of {timing['input']}, {timing['device']}"
+                 if timing else f"latency on {resolve_device(recipe.device)}")
         print_table(result.rows, f"{recipe.model.name} on {recipe.data.name}: {recipe.method} levels "
-                    f"(validation accuracy, latency on {resolve_device(recipe.device)})")
+                    f"(validation accuracy, {where})")
         if "full_epochs" in result.compute:
             print(f"training compute: {result.compute['full_epochs']:.2f} full-model epochs")
         print(f"output: {result.output} (checkpoints/, levels.json, accuracy_vs_macs.png"
@@ -97,9 +101,18 @@ def _load_or_build(args: argparse.Namespace) -> Any:
 
 
 def cmd_levels(args: argparse.Namespace) -> int:
-    em = _load_or_build(args).to(resolve_device(args.device))
+    device = resolve_device(args.device)
+    em = _load_or_build(args).to(device)
+    title = "elastic levels"
     if not args.no_latency:
-        em.measure_levels(batch_size=args.batch_size)
+        from .elastic import latency_key
+
+        key = latency_key(device, args.batch_size, args.form)
+        for level in em.levels:  # measurements saved with the checkpoint are reused
+            if key not in level.latency:
+                em.measure_latency(level.index, batch_size=args.batch_size, form=args.form)
+            level.latency_ms = level.latency[key]
+        title = f"elastic levels (latency: {args.form} form, batch {args.batch_size}, {device})"
     rows = em.describe()
     accuracy = getattr(em, "metadata", {}).get("accuracy")
     if accuracy:
@@ -108,20 +121,21 @@ def cmd_levels(args: argparse.Namespace) -> int:
     if args.json:
         print(__import__("json").dumps(rows, indent=2))
     else:
-        print_table(rows, "elastic levels")
+        print_table(rows, title)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    unknown = sorted(set(formats) - set(EXPORT_FORMATS))
-    if unknown or not formats:
-        raise ValueError(f"--formats: unknown format(s) {unknown}; use {', '.join(EXPORT_FORMATS)}")
+    try:
+        check_export_formats(formats, args.deploy)
+    except ValueError as exc:
+        raise ValueError(f"--formats: {exc}") from None
     out = Path(args.out)
     if out.exists() and not out.is_dir():  # before loading: a typo should not cost a model load
         ensure_output_dir(out, "--out")
     em = _load_or_build(args)
-    written = save_exports(em, ensure_output_dir(out, "--out"), formats)
+    written = save_exports(em, ensure_output_dir(out, "--out"), formats, deploy=args.deploy, batch_size=args.batch_size)
     if not args.quiet:
         for p in written:
             print(p)
@@ -171,12 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     sub.choices["levels"].add_argument("--batch-size", type=int, default=1, help="batch size of the latency measurement")
     sub.choices["levels"].add_argument("--no-latency", action="store_true")
+    sub.choices["levels"].add_argument(
+        "--form", default="deploy", choices=LATENCY_FORMS,
+        help="how each level runs when timed: deploy export (default), prepared or plain sliced forward, plain export")
     sub.choices["levels"].add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.choices["export"].add_argument("--out", required=True)
     sub.choices["export"].add_argument(
         "--formats", default=",".join(DEFAULT_EXPORTS),
-        help="torchscript (.ts), state (.state.pt: weights + architecture, nni_elastic.load_compact), onnx; "
-             "torch (.pt, a pickled module: loading it runs code, so only on request)")
+        help="pt2 (torch.export program), onnx, torchscript (.ts), state (.state.pt: weights + architecture, "
+             "nni_elastic.load_compact); torch (.pt, a pickled module: loading it runs code, so only on request)")
+    sub.choices["export"].add_argument(
+        "--deploy", action="store_true",
+        help="fold BatchNorm into the layer before it and pick the memory format by measuring (formats pt2, onnx, "
+             "torchscript or torch)")
+    sub.choices["export"].add_argument("--batch-size", type=int, default=1, help="batch the deploy export is tuned for")
 
     from .optuna.cli import add_parser as add_optuna_commands  # light: Optuna loads only when tune/search runs
 

@@ -17,7 +17,7 @@ import contextlib
 import copy
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -45,11 +45,14 @@ from .graph import (
     unsupported_error,
 )
 
-__all__ = ["ElasticModel", "Level", "BN_MODES", "check_widths"]
+__all__ = ["ElasticModel", "Level", "BN_MODES", "LATENCY_FORMS", "check_widths", "latency_key"]
 
 logger = logging.getLogger(__name__)
 
 BN_MODES = ("per_level", "shared")
+#: how a level runs when its latency is measured: the sliced forward, the prepared sliced forward
+#: (``prepare_inference``), the plain export, or the deploy export (``export(deploy=True)``)
+LATENCY_FORMS = ("sliced", "prepared", "export", "deploy")
 FORMAT = "nni-elastic/elastic-model"
 FORMAT_VERSION = 1
 
@@ -66,7 +69,9 @@ class Level:
         channels: kept channels per elastic group.
         macs, params: counted by torch-pruning (:func:`nni_elastic.measure.count_ops`) on the export
             (batch 1).
-        latency_ms: median forward time measured on the current device, once asked for.
+        latency_ms: the latest median forward time measured on the current device.
+        latency: every measurement, keyed ``"<device>/b<batch>/<form>"`` (see
+            :meth:`ElasticModel.measure_latency`); saved with the model.
     """
 
     index: int
@@ -75,6 +80,7 @@ class Level:
     macs: Optional[int] = None
     params: Optional[int] = None
     latency_ms: Optional[float] = None
+    latency: dict[str, float] = field(default_factory=dict)
 
 
 def check_widths(widths: Sequence[float]) -> list[float]:
@@ -263,6 +269,7 @@ class ElasticModel(nn.Module):
                 raise ValueError(f"importance {importance!r} needs gradients: pass data=<batches of (x, y)>")
             self._accumulate_grads(data, loss_fn)
         failures: dict[str, str] = {}
+        self._retrace_groups()
         try:
             scores = rank_channels(self.graph, importance, failures)
         finally:
@@ -287,6 +294,17 @@ class ElasticModel(nn.Module):
         for name, reason in reasons.items():
             self._demote(name, reason)
         return {k: v for k, v in perms.items() if k not in bad}
+
+    def _retrace_groups(self) -> None:
+        """Give groups without a torch-pruning group (in a deep copy) one on this model's modules."""
+        missing = [g for g in self.graph.groups if g.tp_group is None]
+        if not missing:
+            return
+        with self._full_eval():
+            dg = trace(self.model, _example_batch(self.example_shape, self._device(), dtype=_module_dtype(self.model)))
+        for g in missing:
+            root = self.model.get_submodule(g.name)
+            g.tp_group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, list(range(g.size)))
 
     def _reorder_reason(self, name: str) -> str:
         g = self.graph.group(name)
@@ -349,7 +367,9 @@ class ElasticModel(nn.Module):
 
     def _set_spec(self, slot: int, channels: Mapping[str, int]) -> None:
         for name, spec in self._specs(channels).items():
-            _slicing.set_specs(self.model.get_submodule(name), slot, spec)
+            module = self.model.get_submodule(name)
+            _slicing.set_specs(module, slot, spec)
+            _slicing.set_fast(module, slot, None)  # a precomputed inference form of the old spec is void
 
     def _specs(self, channels: Mapping[str, int]) -> dict[str, _slicing.SliceSpec]:
         """How every sliced module runs at a level ``{group: k}``."""
@@ -620,7 +640,133 @@ class ElasticModel(nn.Module):
             self._state.index, self._state.bn_row = previous
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__.get("_inference") is not None and not self.model.training and not torch.is_grad_enabled():
+            self._ensure_prepared(self._state.index)
         return self.model(*args, **kwargs)
+
+    # ------------------------------------------------------------------ inference form
+    def prepare_inference(self, *, lazy: bool = False, memory_format: str = "auto", batch_size: int = 1) -> dict[str, Any]:
+        """Precompute every level's inference form, so a level runs at the speed of its deployed export.
+
+        Per level and sliced module: the level's weights sliced and contiguous, BatchNorm folded into
+        the convolution or linear layer before it (that BatchNorm then passes its input through),
+        and, for image models, channels-last weights where that measures faster. It is used by
+        forwards in eval mode without gradients (``torch.no_grad``/``torch.inference_mode``);
+        training forwards, and any module whose weights or statistics changed since (training,
+        ``calibrate_bn``), run the ordinary sliced forward, and ``em(x)`` re-prepares a stale level
+        on its next inference call. ``set_level`` stays a one-integer switch.
+
+        Args:
+            lazy: prepare a level on its first inference call instead of all levels now.
+            memory_format: ``"auto"`` (measure per level), ``"contiguous"`` or ``"channels_last"``.
+            batch_size: the batch the measurement uses.
+
+        Returns:
+            ``{"bytes": memory held by the prepared tensors, "levels": prepared levels,
+            "memory_format": {level: format}}``; the memory is about the sum of the levels' sizes.
+        """
+        from .deploy import MEMORY_FORMATS, fold_pairs
+
+        if memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format={memory_format!r} is not supported; use one of {MEMORY_FORMATS}")
+        with self._full_eval():
+            pairs = fold_pairs(self.plain_copy(), _example_batch(self.example_shape, self._device()))
+        sliced = set(self._sliced_names)
+        self._inference = {
+            "pairs": {layer: bn for layer, bn in pairs if layer in sliced and bn in sliced},
+            "memory_format": memory_format,
+            "batch_size": int(batch_size),
+            "formats": {},
+        }
+        if not lazy:
+            for level in self.levels_:
+                self._ensure_prepared(level.index)
+        return self.inference_memory()
+
+    def inference_memory(self) -> dict[str, Any]:
+        """Memory held by the precomputed inference forms (see :meth:`prepare_inference`)."""
+        total, slots = 0, set()
+        for name in getattr(self, "_sliced_names", ()):
+            for slot, fast in self.model.get_submodule(name).__dict__.get("_ne_fast", {}).items():
+                total += fast.nbytes
+                slots.add(slot)
+        formats = (self.__dict__.get("_inference") or {}).get("formats", {})
+        return {"bytes": int(total), "levels": len(slots), "memory_format": dict(formats)}
+
+    def _ensure_prepared(self, slot: int) -> None:
+        modules = [self.model.get_submodule(n) for n in self._sliced_names]
+        tables = [m.__dict__.get("_ne_fast", {}) for m in modules]
+        if all(slot in t and t[slot].fresh() for t in tables):
+            return
+        info = self._inference
+        choice = info["memory_format"]
+        if choice == "auto":
+            choice = self._measure_memory_format(slot)
+        self._prepare_slot(slot, choice)
+        info["formats"][slot] = choice
+
+    @torch.no_grad()
+    def _measure_memory_format(self, slot: int) -> str:
+        if len(self.example_shape) != 4 or not any(isinstance(m, nn.Conv2d) for m in self.model.modules()):
+            return "contiguous"
+        x = _example_batch(self.example_shape, self._device(), self._inference["batch_size"])
+        x = torch.randn_like(x)
+        times = {}
+        previous = (self._state.index, self._state.bn_row)
+        modes = {m: m.training for m in self.model.modules()}
+        try:
+            self.model.eval()
+            self._state.index, self._state.bn_row = slot, (slot if self.bn_mode == "per_level" else 0)
+            for choice in ("contiguous", "channels_last"):
+                self._prepare_slot(slot, choice)
+                times[choice] = _latency_ms(self.model, x, repeats=5, warmup=2)
+        finally:
+            self._state.index, self._state.bn_row = previous
+            for m, mode in modes.items():
+                m.train(mode)
+        return min(times, key=times.get)
+
+    @torch.no_grad()
+    def _prepare_slot(self, slot: int, memory_format: str) -> None:
+        from .deploy import folded_weights
+
+        row = slot if self.bn_mode == "per_level" else 0
+        pairs = self._inference["pairs"]
+        folded_bns = {bn: layer for layer, bn in pairs.items()}
+        views = {name: self._level_tensors(self.model.get_submodule(name), slot, row) for name in self._sliced_names}
+        for name in self._sliced_names:
+            module = self.model.get_submodule(name)
+            partner = pairs.get(name) or folded_bns.get(name)
+            sources = _sources(module) + (_sources(self.model.get_submodule(partner)) if partner else ())
+            tensors = dict(views[name])
+            identity = name in folded_bns
+            if name in pairs:
+                bn, t = self.model.get_submodule(partner), views[partner]
+                tensors["weight"], tensors["bias"] = folded_weights(
+                    tensors["weight"], tensors.get("bias"), t.get("weight"), t.get("bias"),
+                    t["running_mean"], t["running_var"], bn.eps,
+                )
+            tensors = {} if identity else {n: _ready(v, memory_format) for n, v in tensors.items()}
+            spec = module._ne_specs[slot]
+            _slicing.set_fast(module, slot, _slicing.FastSpec(tensors, dict(spec.attrs), identity, sources))
+
+    def _level_tensors(self, module: nn.Module, slot: int, row: int) -> dict[str, torch.Tensor]:
+        """Every parameter/buffer the module's forward reads at a slot, sliced as its forward would slice it."""
+        spec = module._ne_specs[slot]
+        out: dict[str, torch.Tensor] = {}
+        for name, sels in spec.tensors:
+            t = module._parameters[name] if name in module._parameters else module._buffers[name]
+            for axis, sel in sels:
+                t = _slicing.take(t, sel, axis)
+            out[name] = t
+        for name in ("weight", "bias"):
+            if name not in out and isinstance(module._parameters.get(name), torch.Tensor):
+                out[name] = module._parameters[name]
+        if _slicing.has_level_rows(module):
+            out["running_mean"] = _slicing.take(module.level_running_mean[row], spec.stats, 0)
+            out["running_var"] = _slicing.take(module.level_running_var[row], spec.stats, 0)
+            out["num_batches_tracked"] = module.level_num_batches_tracked[row]
+        return out
 
     def parameter_masks(self, level: LevelLike) -> dict[str, torch.Tensor]:
         """Boolean masks of the entries of every parameter that a level uses (``{name: mask}``).
@@ -687,13 +833,30 @@ class ElasticModel(nn.Module):
                     m.momentum = mom
 
     # ------------------------------------------------------------------ export and cost
-    def export(self, level: Optional[LevelLike] = None) -> nn.Module:
+    def export(
+        self,
+        level: Optional[LevelLike] = None,
+        *,
+        deploy: bool = False,
+        batch_size: int = 1,
+        memory_format: str = "auto",
+    ) -> nn.Module:
         """A standalone copy of a level (default: the active one), physically pruned with torch-pruning.
 
         The copy uses the model's own module classes (no nni_elastic layers), holds the level's
         BatchNorm statistics, is in eval mode, scriptable and ONNX-exportable, and computes the
         same outputs as the sliced level.
+
+        With ``deploy=True`` it is also made ready for inference (:func:`nni_elastic.deploy.deploy`):
+        BatchNorm folded into the layer before it, and channels-last weights where that measures
+        faster at ``batch_size`` on the current device (``memory_format`` forces a choice).
         """
+        if deploy:
+            from .deploy import deploy as deploy_model
+
+            plain = self.export(level)
+            example = torch.randn((int(batch_size), *self.example_shape[1:]), device=self._device())
+            return deploy_model(plain, example, memory_format=memory_format)
         if level is None:
             slot = self._state.index
             channels = self._custom_channels if slot == len(self.levels_) else self.levels_[slot].channels
@@ -736,7 +899,6 @@ class ElasticModel(nn.Module):
         """(MACs, params) of a level at batch 1, counted by torch-pruning on its export."""
         return _count_ops(self.export(level), _example_batch(self.example_shape, self._device()))
 
-    @torch.inference_mode()
     def measure_latency(
         self,
         level: Optional[LevelLike] = None,
@@ -745,6 +907,7 @@ class ElasticModel(nn.Module):
         repeats: int = 30,
         warmup: int = 5,
         exported: bool = False,
+        form: Optional[str] = None,
     ) -> float:
         """Median forward time in milliseconds of a level on the model's current device.
 
@@ -752,18 +915,41 @@ class ElasticModel(nn.Module):
             level: the level (default: the active one).
             batch_size: batch of the timed input.
             repeats, warmup: timed and untimed runs.
-            exported: time the physically pruned export instead of the sliced forward.
+            exported: time the plain export (same as ``form="export"``).
+            form: how the level runs (:data:`LATENCY_FORMS`); default ``"sliced"``. ``"deploy"``
+                times ``export(deploy=True)`` fed in its memory format; ``"prepared"`` prepares
+                inference forms first if needed.
+
+        A level given by index keeps the measurement in ``Level.latency`` (saved with the model).
         """
+        form = form or ("export" if exported else "sliced")
+        if form not in LATENCY_FORMS:
+            raise ValueError(f"form={form!r} is not supported; use one of {LATENCY_FORMS}")
         device = self._device()
-        x = _example_batch(self.example_shape, device, batch_size)
+        x = torch.randn((int(batch_size), *self.example_shape[1:]), device=device)
         context = self.use_level(level) if level is not None else contextlib.nullcontext()
         with context:
-            return _latency_ms(self.export() if exported else self.model, x, repeats, warmup)
+            if form == "deploy":
+                net = self.export(deploy=True, batch_size=batch_size)
+                if net.nni_elastic_deploy["memory_format"] == "channels_last":
+                    x = x.contiguous(memory_format=torch.channels_last)
+            elif form == "export":
+                net = self.export()
+            elif form == "prepared":
+                if self.__dict__.get("_inference") is None:
+                    self.prepare_inference(lazy=True, batch_size=batch_size)
+                net = self
+            else:
+                net = self.model
+            ms = _latency_ms(net, x, repeats, warmup)
+        if isinstance(level, int) and not isinstance(level, bool):
+            self.levels_[self._index(level)].latency[latency_key(device, batch_size, form)] = ms
+        return ms
 
-    def measure_levels(self, batch_size: int = 1, repeats: int = 30) -> list[Level]:
-        """Measure and store ``latency_ms`` of every level on the current device."""
+    def measure_levels(self, batch_size: int = 1, repeats: int = 30, form: str = "sliced") -> list[Level]:
+        """Measure and store ``latency_ms`` (and the ``latency`` cache) of every level on the current device."""
         for level in self.levels:
-            level.latency_ms = self.measure_latency(level.index, batch_size=batch_size, repeats=repeats)
+            level.latency_ms = self.measure_latency(level.index, batch_size=batch_size, repeats=repeats, form=form)
         return self.levels_
 
     def pick_level(
@@ -773,12 +959,15 @@ class ElasticModel(nn.Module):
         max_params: Optional[float] = None,
         max_latency_ms: Optional[float] = None,
         batch_size: int = 1,
+        form: str = "deploy",
     ) -> int:
         """Index of the largest level that fits every given budget (adapting to the hardware at hand).
 
         ``max_macs``/``max_params`` in (0, 1] are fractions of the largest level's count, larger
-        values are absolute counts. ``max_latency_ms`` is checked against latency measured now on
-        the current device (measured once, then cached in ``Level.latency_ms``).
+        values are absolute counts. ``max_latency_ms`` is checked against the latency of each level
+        in the form it will run in (``form``: ``"deploy"`` export by default, or ``"prepared"``,
+        ``"sliced"``, ``"export"``) at ``batch_size`` on the current device: measured once, then
+        taken from ``Level.latency`` (saved with the model, so a reloaded model does not measure again).
         """
         if max_macs is None and max_params is None and max_latency_ms is None:
             raise ValueError("pick_level needs at least one budget: max_macs, max_params or max_latency_ms")
@@ -788,9 +977,11 @@ class ElasticModel(nn.Module):
         if max_latency_ms is not None:
             if max_latency_ms <= 0:
                 raise ValueError(f"max_latency_ms={max_latency_ms!r} must be positive")
+            key = latency_key(self._device(), batch_size, form)
             for level in levels:
-                if level.latency_ms is None:
-                    level.latency_ms = self.measure_latency(level.index, batch_size=batch_size)
+                if key not in level.latency:
+                    self.measure_latency(level.index, batch_size=batch_size, form=form)
+                level.latency_ms = level.latency[key]
         fits = [
             lv.index
             for lv in levels
@@ -922,6 +1113,28 @@ def _module_dtype(module: nn.Module) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
+
+
+def latency_key(device: Union[str, torch.device], batch_size: int, form: str) -> str:
+    """``"<device>/b<batch>/<form>"``: a CUDA device is named by its card, so a cache entry moves with the file
+    only to the same hardware."""
+    device = torch.device(device)
+    name = device.type
+    if device.type == "cuda":
+        name = f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"{name}/b{int(batch_size)}/{form}"
+
+
+def _sources(module: nn.Module) -> tuple[tuple[torch.Tensor, int], ...]:
+    return tuple((t, t._version) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
+
+
+def _ready(t: torch.Tensor, memory_format: str) -> torch.Tensor:
+    """A detached, contiguous copy (channels-last for 4-D weights when asked)."""
+    t = t.detach()
+    if memory_format == "channels_last" and t.dim() == 4:
+        return t.clone(memory_format=torch.channels_last)
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 @contextlib.contextmanager

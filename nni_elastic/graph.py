@@ -14,6 +14,7 @@ Example:
 """
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -117,6 +118,15 @@ class ChannelGroup:
             self.order = list(range(self.size))
         if not self.cells:
             self.cells = [list(range(self.size))]
+
+    def __deepcopy__(self, memo: dict) -> "ChannelGroup":
+        # torch-pruning's group holds autograd nodes of the traced model (not copyable, and they
+        # would point at the original modules): a copy re-traces when it needs one
+        clone = copy.copy(self)
+        clone.members, clone.order = list(self.members), list(self.order)
+        clone.cells = [list(c) for c in self.cells]
+        clone.tp_group = None
+        return clone
 
 
 @dataclass

@@ -15,7 +15,9 @@ from .checkpoint import atomic_save, atomic_write, save_compact
 __all__ = ["print_table", "save_module", "save_exports", "plot_levels", "run_command", "summarize_levels", "LEVEL_SUMMARIES", "EXPORT_FORMATS", "DEFAULT_EXPORTS"]
 
 # "torch" pickles the module: loading it runs code, so it is written only on request
-EXPORT_FORMATS = ("torchscript", "state", "onnx", "torch")
+EXPORT_FORMATS = ("torchscript", "state", "onnx", "pt2", "torch")
+#: formats of a deploy export (BatchNorm folded: no zoo architecture to rebuild from a state dict)
+DEPLOY_FORMATS = ("pt2", "onnx", "torchscript", "torch")
 DEFAULT_EXPORTS = ("torchscript", "state")
 # which levels a run's summary describes (NNI metrics, Optuna objectives); an index works too
 LEVEL_SUMMARIES = ("mean", "largest", "smallest")
@@ -51,8 +53,15 @@ def _fmt(column: str, value: Any) -> str:
 
 def save_module(module: torch.nn.Module, stem: Path, example: torch.Tensor,
                 formats: Sequence[str] = DEFAULT_EXPORTS) -> list[Path]:
-    """Write a compact module atomically: ``stem.ts`` (TorchScript), ``stem.state.pt`` (weights +
-    architecture, :func:`nni_elastic.load_compact`), ``stem.onnx``, and ``stem.pt`` (pickled) on request."""
+    """Write a compact module atomically, in each of ``formats``:
+
+    - ``pt2``: ``torch.export`` program (``torch.export.load(path).module()``; the format torch 2.13
+      recommends, batch size dynamic), ``stem.pt2``;
+    - ``onnx``: for ONNX Runtime and other engines, ``stem.onnx``;
+    - ``torchscript``: ``stem.ts`` (deprecated by torch 2.13, kept for C++/mobile runtimes);
+    - ``state``: weights + zoo architecture, :func:`nni_elastic.load_compact`, ``stem.state.pt``;
+    - ``torch``: the pickled module, ``stem.pt`` (loading it runs code: only on request).
+    """
     unknown = sorted(set(formats) - set(EXPORT_FORMATS))
     if unknown:
         raise ValueError(f"unknown export format(s) {unknown}; use {', '.join(EXPORT_FORMATS)}")
@@ -66,6 +75,10 @@ def save_module(module: torch.nn.Module, stem: Path, example: torch.Tensor,
             warnings.simplefilter("ignore", DeprecationWarning)
             scripted = torch.jit.trace(module, example)
         written.append(atomic_write(stem.with_suffix(".ts"), lambda fh: torch.jit.save(scripted, fh)))
+    if "pt2" in formats:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        program = torch.export.export(module, (torch.cat([example, example]),), dynamic_shapes=({0: batch},))
+        written.append(atomic_write(stem.with_suffix(".pt2"), lambda fh: torch.export.save(program, fh)))
     if "onnx" in formats:
         buffer = io.BytesIO()
         with warnings.catch_warnings():  # the TorchScript exporter is fast and quiet; torch marks it legacy
@@ -78,12 +91,30 @@ def save_module(module: torch.nn.Module, stem: Path, example: torch.Tensor,
     return written
 
 
-def save_exports(em: Any, out_dir: Path, formats: Sequence[str] = DEFAULT_EXPORTS) -> list[Path]:
-    """Write every level's compact export into ``out_dir`` (formats as in :func:`save_module`)."""
+def check_export_formats(formats: Sequence[str], deploy: bool = False) -> None:
+    """One clear error for an unknown format, or a format a deploy export cannot be written in."""
+    unknown = sorted(set(formats) - set(EXPORT_FORMATS))
+    if unknown or not formats:
+        raise ValueError(f"unknown export format(s) {unknown}; use {', '.join(EXPORT_FORMATS)}")
+    bad = [f for f in formats if deploy and f not in DEPLOY_FORMATS]
+    if bad:
+        raise ValueError(f"deploy exports cannot be written as {bad}: folding BatchNorm changes the architecture, "
+                         f"so a state dict has no zoo model to load into; use {', '.join(DEPLOY_FORMATS)}")
+
+
+def save_exports(em: Any, out_dir: Path, formats: Sequence[str] = DEFAULT_EXPORTS, *, deploy: bool = False,
+                 batch_size: int = 1) -> list[Path]:
+    """Write every level's compact export into ``out_dir`` (formats as in :func:`save_module`).
+
+    ``deploy=True`` writes deploy exports (BatchNorm folded, memory format measured at
+    ``batch_size``; see ``ElasticModel.export``) in the formats of :data:`DEPLOY_FORMATS`.
+    """
+    check_export_formats(formats, deploy)
     example = torch.zeros((1, *em.example_shape[1:]))
     written = []
     for level in em.levels:
-        written += save_module(em.export(level.index).cpu(), Path(out_dir) / f"level{level.index}", example, formats)
+        module = em.export(level.index, deploy=deploy, batch_size=batch_size).cpu()
+        written += save_module(module, Path(out_dir) / f"level{level.index}", example, formats)
     return written
 
 

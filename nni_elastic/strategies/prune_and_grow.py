@@ -359,12 +359,22 @@ class PruneAndGrow(Strategy):
             "mac_samples": self.records_["compute_full_epochs"] * full * num_samples(data.train),
         }
 
-    def measure_latency(self, batch_size: int = 1) -> list[dict[str, Any]]:
-        """Add measured latency (ms, current device) to the report rows."""
+    def measure_latency(self, batch_size: Optional[int] = None, form: str = "deploy") -> list[dict[str, Any]]:
+        """Add measured latency (ms, current device) to the report rows.
+
+        By default each level is timed as it would be deployed (``export(deploy=True)``) at the
+        training batch size: at batch 1 on small inputs every level costs the same per-layer
+        overhead and the levels do not separate.
+        """
         em = self.elastic_model_
-        em.measure_levels(batch_size=batch_size)
+        batch_size = int(batch_size or self.train.batch_size)
+        em.measure_levels(batch_size=batch_size, form=form)
         for row, lv in zip(self.report_, em.levels):
             row["latency_ms"] = lv.latency_ms
+        self.records_["latency"] = {
+            "form": form, "batch_size": batch_size, "device": str(em._device()),
+            "input": "x".join(str(d) for d in em.example_shape[1:]),
+        }
         return self.report()
 
     def _result(self, em: ElasticModel) -> StrategyResult:

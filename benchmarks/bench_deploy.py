@@ -1,0 +1,159 @@
+"""Levels at deployment speed: sliced, prepared (``prepare_inference``), plain export, deploy export.
+
+Per level of ResNet-20, VGG-16-BN and MobileNetV2-style (batch 64, 3x32x32 by default; optionally
+torchvision's ResNet-18 at 224x224, batch 8), at 1 and 2 threads. The four forms of a level are
+timed interleaved, round after round, so their ratios are robust to machine noise. Targets: the
+deploy export of every level >= 1.4x faster than the plain export of the same level (ResNet-20,
+VGG-16-BN, batch 64); the prepared sliced forward <= 1.10x the deploy export; switch < 100 us.
+
+    python benchmarks/bench_deploy.py --out benchmarks/results/deploy.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import nni_elastic as ne
+from nni_elastic.checkpoint import atomic_write_json
+from nni_elastic.measure import median_ms
+
+
+def _torchvision_resnet18():
+    import types
+
+    for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    import torchvision
+
+    return torchvision.models.resnet18(weights=None, num_classes=10)
+
+
+def build(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    if name == "tv_resnet18":
+        return _torchvision_resnet18(), (3, 224, 224)
+    return ne.create_model(name, num_classes=10, in_channels=3), (3, 32, 32)
+
+
+def bench_model(name: str, batch: int, threads: int, rounds: int, repeats: int) -> list[dict]:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, shape = build(name)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):  # non-trivial BatchNorm statistics
+            model(torch.randn(4, *shape))
+    em = ne.ElasticModel(model, torch.randn(1, *shape)).eval()
+    x = torch.randn(batch, *shape)
+    sliced_em = copy.deepcopy(em)  # the ordinary sliced forward, without the prepared forms
+    start = time.perf_counter()
+    info = em.prepare_inference(batch_size=batch)
+    prepare_s = time.perf_counter() - start
+    full_macs = em.levels[-1].macs
+    switch_us = median_ms(lambda: em.set_level(0), repeats=20, warmup=2) * 1000.0
+    rows = []
+    for level in em.levels:
+        plain = em.export(level.index)
+        deployed = em.export(level.index, deploy=True, batch_size=batch)
+        fmt = deployed.nni_elastic_deploy["memory_format"]
+        xd = x.contiguous(memory_format=torch.channels_last) if fmt == "channels_last" else x
+        em.set_level(level.index)
+        sliced_em.set_level(level.index)
+        with torch.inference_mode():
+            em(x)  # a stale or lazy level is prepared here, not timed
+        forms = {
+            "sliced": lambda: sliced_em(x),
+            "prepared": lambda: em(x),
+            "plain_export": lambda: plain(x),
+            "deploy_export": lambda: deployed(xd),
+        }
+        times: dict[str, list[float]] = {k: [] for k in forms}
+        with torch.inference_mode():
+            for _ in range(rounds):
+                for key, run in forms.items():
+                    times[key].append(median_ms(run, repeats=repeats, warmup=1))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({
+            "model": name, "threads": threads, "batch": batch, "level": level.index, "width": level.width,
+            "macs_ratio": level.macs / full_macs, **{f"{k}_ms": v for k, v in med.items()},
+            "deploy_speedup": med["plain_export"] / med["deploy_export"],
+            "prepared_over_deploy": med["prepared"] / med["deploy_export"],
+            "memory_format": fmt, "folded": len(deployed.nni_elastic_deploy["folded"]),
+            "switch_us": switch_us, "prepare_s": prepare_s, "prepared_bytes": info["bytes"],
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="resnet20,vgg16_bn,mobilenetv2_tiny")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tv-resnet18", action="store_true", help="also torchvision's ResNet-18 at 224x224, batch 8")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default="benchmarks/results/deploy.json")
+    args = p.parse_args(argv)
+    jobs = [(m, args.batch) for m in args.models.split(",") if m]
+    if args.tv_resnet18:
+        jobs.append(("tv_resnet18", 8))
+    rows = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        for name, batch in jobs:
+            rows += bench_model(name, batch, threads, args.rounds, args.repeats)
+    header = f"{'model':16s} thr lvl width  MACs  sliced prepared  export  deploy  dep-speedup prep/dep fmt"
+    if not args.quiet:
+        print(header)
+        for r in rows:
+            print(f"{r['model']:16s} {r['threads']:3d} {r['level']:3d} {r['width']:5.2f} {r['macs_ratio']:5.3f} "
+                  f"{r['sliced_ms']:7.2f} {r['prepared_ms']:8.2f} {r['plain_export_ms']:7.2f} {r['deploy_export_ms']:7.2f} "
+                  f"{r['deploy_speedup']:11.2f} {r['prepared_over_deploy']:8.2f} {r['memory_format']}")
+    target = [r for r in rows if r["model"] in ("resnet20", "vgg16_bn") and r["batch"] == 64]
+    summary = {
+        "deploy_speedup_min_resnet20_vgg16": min((r["deploy_speedup"] for r in target), default=None),
+        "prepared_over_deploy_max": max(r["prepared_over_deploy"] for r in rows),
+        "switch_us_max": max(r["switch_us"] for r in rows),
+    }
+    summary["targets"] = {
+        "deploy_speedup_ge_1.4": summary["deploy_speedup_min_resnet20_vgg16"] is not None
+        and summary["deploy_speedup_min_resnet20_vgg16"] >= 1.4,
+        "prepared_le_1.10_deploy": summary["prepared_over_deploy_max"] <= 1.10,
+        "switch_lt_100us": summary["switch_us_max"] < 100,
+    }
+    print(json.dumps(summary, indent=1))
+    out = Path(args.out)
+    atomic_write_json({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "rows": rows, "summary": summary}, out)
+    _plot(rows, out.with_suffix(".png"))
+    return 0
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [(m, t) for m, t in dict.fromkeys((r["model"], r["threads"]) for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    for ax, (model, threads) in zip(axes[0], keys):
+        sub = [r for r in rows if r["model"] == model and r["threads"] == threads]
+        for form in ("sliced", "prepared", "plain_export", "deploy_export"):
+            ax.plot([r["macs_ratio"] for r in sub], [r[f"{form}_ms"] for r in sub], marker="o", label=form)
+        ax.set_title(f"{model}, {threads} thread(s)")
+        ax.set_xlabel("MACs / full")
+        ax.set_ylabel("ms per batch")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
