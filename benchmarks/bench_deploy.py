@@ -41,6 +41,28 @@ def build(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
     return ne.create_model(name, num_classes=10, in_channels=3), (3, 32, 32)
 
 
+def _onnxruntime(module: torch.nn.Module, x: torch.Tensor, threads: int):
+    """A runner of ``module`` exported to ONNX under ONNX Runtime (``.[onnx]``), or None without it."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    import io
+    import warnings
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(copy.deepcopy(module).to(memory_format=torch.contiguous_format),
+                          (x,), buffer, input_names=["input"], output_names=["logits"], dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    feed = {"input": x.numpy()}
+    return lambda: session.run(None, feed)
+
+
 def bench_model(name: str, batch: int, threads: int, rounds: int, repeats: int) -> list[dict]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -67,12 +89,15 @@ def bench_model(name: str, batch: int, threads: int, rounds: int, repeats: int) 
         sliced_em.set_level(level.index)
         with torch.inference_mode():
             em(x)  # a stale or lazy level is prepared here, not timed
+        ort_run = _onnxruntime(deployed, x, threads)
         forms = {
             "sliced": lambda: sliced_em(x),
             "prepared": lambda: em(x),
             "plain_export": lambda: plain(x),
             "deploy_export": lambda: deployed(xd),
         }
+        if ort_run is not None:
+            forms["onnxruntime"] = ort_run
         times: dict[str, list[float]] = {k: [] for k in forms}
         with torch.inference_mode():
             for _ in range(rounds):
@@ -82,6 +107,7 @@ def bench_model(name: str, batch: int, threads: int, rounds: int, repeats: int) 
         rows.append({
             "model": name, "threads": threads, "batch": batch, "level": level.index, "width": level.width,
             "macs_ratio": level.macs / full_macs, **{f"{k}_ms": v for k, v in med.items()},
+            "onnxruntime_speedup": med["plain_export"] / med["onnxruntime"] if "onnxruntime" in med else None,
             "deploy_speedup": med["plain_export"] / med["deploy_export"],
             "prepared_over_deploy": med["prepared"] / med["deploy_export"],
             "memory_format": fmt, "folded": len(deployed.nni_elastic_deploy["folded"]),
@@ -144,8 +170,9 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
     for ax, (model, threads) in zip(axes[0], keys):
         sub = [r for r in rows if r["model"] == model and r["threads"] == threads]
-        for form in ("sliced", "prepared", "plain_export", "deploy_export"):
-            ax.plot([r["macs_ratio"] for r in sub], [r[f"{form}_ms"] for r in sub], marker="o", label=form)
+        for form in ("sliced", "prepared", "plain_export", "deploy_export", "onnxruntime"):
+            if all(f"{form}_ms" in r for r in sub):
+                ax.plot([r["macs_ratio"] for r in sub], [r[f"{form}_ms"] for r in sub], marker="o", label=form)
         ax.set_title(f"{model}, {threads} thread(s)")
         ax.set_xlabel("MACs / full")
         ax.set_ylabel("ms per batch")

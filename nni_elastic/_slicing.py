@@ -219,8 +219,12 @@ class FastSpec:
     identity: bool
     sources: tuple[tuple[torch.Tensor, int], ...]
 
+    def __post_init__(self) -> None:
+        self._tensors = tuple(t for t, _ in self.sources)
+        self._versions = tuple(v for _, v in self.sources)
+
     def fresh(self) -> bool:
-        return all(t._version == v for t, v in self.sources)
+        return tuple(t._version for t in self._tensors) == self._versions
 
     @property
     def nbytes(self) -> int:
@@ -241,16 +245,14 @@ def _fast_forward(self: Any, base: Any, fast: FastSpec, args: tuple, kwargs: dic
         return args[0]
     params, buffers, attrs = self._parameters, self._buffers, self.__dict__
     saved_p = {n: params[n] for n in fast.tensors if n in params}
-    saved_b = {n: buffers.get(n) for n in fast.tensors if n not in params}
+    saved_b = {n: buffers.get(n) for n in fast.tensors if n not in saved_p}
     saved_a = {n: attrs[n] for n in fast.attrs}
     for name, t in fast.tensors.items():
         (params if name in saved_p else buffers)[name] = t
     attrs.update(fast.attrs)
-    attrs["_ne_active"] = True
     try:
         return base(self, *args, **kwargs)
     finally:
-        attrs.pop("_ne_active", None)
         params.update(saved_p)
         buffers.update(saved_b)
         attrs.update(saved_a)

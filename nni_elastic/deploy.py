@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from typing import Optional
 
 import torch
@@ -117,6 +118,7 @@ def deploy(
     *,
     fold: bool = True,
     memory_format: str = "auto",
+    compile: bool = False,
 ) -> nn.Module:
     """A copy of a plain model for inference: BatchNorm folded, memory format chosen by measuring.
 
@@ -125,6 +127,8 @@ def deploy(
         example_inputs: a batch of the size it will serve (the memory format is timed on it).
         fold: fold BatchNorm into the layer before it.
         memory_format: ``"auto"`` (measure), ``"contiguous"`` or ``"channels_last"``.
+        compile: also ``torch.compile`` it (compiled on ``example_inputs`` now); when no compiler
+            works here, the uncompiled copy is returned with a warning saying so.
 
     The copy records its choices in ``nni_elastic_deploy`` (folded pairs, memory format); with
     channels-last weights, feed channels-last inputs (``x.contiguous(memory_format=torch.channels_last)``).
@@ -140,5 +144,18 @@ def deploy(
         if not _is_image_model(out, example_inputs):
             raise ValueError("memory_format='channels_last' needs a model with Conv2d layers and 4-D inputs")
         out = out.to(memory_format=torch.channels_last)
-    out.nni_elastic_deploy = {"folded": [list(p) for p in pairs], "memory_format": memory_format}
+    out.nni_elastic_deploy = {"folded": [list(p) for p in pairs], "memory_format": memory_format, "compiled": False}
+    if compile:
+        x = example_inputs.contiguous(memory_format=torch.channels_last) if memory_format == "channels_last" else example_inputs
+        try:
+            compiled = torch.compile(out)
+            with torch.no_grad():
+                compiled(x)  # compile now, so a missing compiler shows here and not in production
+        except Exception as exc:  # no C++ compiler, an unsupported op, ...: say what happened
+            message = f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); the deploy export runs uncompiled"
+            logger.warning(message)
+            warnings.warn(message, stacklevel=2)
+        else:
+            out.nni_elastic_deploy["compiled"] = True
+            return compiled
     return out

@@ -640,8 +640,13 @@ class ElasticModel(nn.Module):
             self._state.index, self._state.bn_row = previous
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.__dict__.get("_inference") is not None and not self.model.training and not torch.is_grad_enabled():
-            self._ensure_prepared(self._state.index)
+        info = self.__dict__.get("_inference")
+        if info is not None and not self.model.training and not torch.is_grad_enabled():
+            slot = self._state.index
+            self._ensure_prepared(slot)
+            if info["formats"].get(slot) == "channels_last" and args and isinstance(args[0], torch.Tensor) \
+                    and args[0].dim() == 4:  # as the deploy export is fed: no conversion inside the first layer
+                args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
         return self.model(*args, **kwargs)
 
     # ------------------------------------------------------------------ inference form
@@ -840,6 +845,7 @@ class ElasticModel(nn.Module):
         deploy: bool = False,
         batch_size: int = 1,
         memory_format: str = "auto",
+        compile: bool = False,
     ) -> nn.Module:
         """A standalone copy of a level (default: the active one), physically pruned with torch-pruning.
 
@@ -849,14 +855,15 @@ class ElasticModel(nn.Module):
 
         With ``deploy=True`` it is also made ready for inference (:func:`nni_elastic.deploy.deploy`):
         BatchNorm folded into the layer before it, and channels-last weights where that measures
-        faster at ``batch_size`` on the current device (``memory_format`` forces a choice).
+        faster at ``batch_size`` on the current device (``memory_format`` forces a choice), and with
+        ``compile=True`` compiled by ``torch.compile`` (falls back, with a warning, when it cannot).
         """
         if deploy:
             from .deploy import deploy as deploy_model
 
             plain = self.export(level)
             example = torch.randn((int(batch_size), *self.example_shape[1:]), device=self._device())
-            return deploy_model(plain, example, memory_format=memory_format)
+            return deploy_model(plain, example, memory_format=memory_format, compile=compile)
         if level is None:
             slot = self._state.index
             channels = self._custom_channels if slot == len(self.levels_) else self.levels_[slot].channels

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -55,7 +56,7 @@ def test_folding_removes_every_batchnorm_after_a_conv() -> None:
     assert sorted(bn for _, bn in pairs) == sorted(bns)  # ResNet-20: every BatchNorm follows a conv
     deployed = deploy(plain, x, memory_format="contiguous")
     assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
-    assert deployed.nni_elastic_deploy == {"folded": [list(p) for p in pairs], "memory_format": "contiguous"}
+    assert deployed.nni_elastic_deploy == {"folded": [list(p) for p in pairs], "memory_format": "contiguous", "compiled": False}
 
 
 def test_a_batchnorm_subclass_or_shared_output_is_not_folded() -> None:
@@ -179,3 +180,16 @@ def test_latency_measured_in_its_form_is_cached_and_saved(tmp_path) -> None:
     assert loaded.pick_level(max_latency_ms=1.0, batch_size=2) == 0
     with pytest.raises(ValueError, match="form='fastest'"):
         loaded.measure_latency(0, form="fastest")
+
+
+@pytest.mark.slow
+def test_compiled_deploy_export_equals_plain_export() -> None:
+    """torch.compile (inductor needs a C++ compiler: gcc in CI) on a deploy export, or a clear fallback."""
+    em, x = _wrapped("resnet20")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = em.export(0, deploy=True, compile=True, memory_format="contiguous")
+    info = compiled.nni_elastic_deploy
+    assert info["compiled"] or any("torch.compile failed" in str(w.message) for w in caught)
+    with torch.no_grad():
+        assert rel_diff(compiled(x), em.export(0)(x)) <= 1e-4

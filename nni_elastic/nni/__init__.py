@@ -8,6 +8,9 @@
 - ``OptunaTuner``: an NNI tuner that asks an Optuna study (any sampler, one or several
   objectives, stored so that ``optuna-dashboard`` reads it); :func:`register_tuner` registers it
   with NNI (``nnictl algo register``) under the name ``OptunaTuner``.
+- NNI NAS (:mod:`nni_elastic.nni.nas`, extra ``.[nas]``): ``ElasticSpace`` + ``ElasticEvaluator``
+  (subnet widths as an NNI model space on shared weights) and ``ExpansionGrowthStrategy`` +
+  ``GrowableSpace`` + ``GrowthEvaluator`` (expansion-score growth as an NNI search strategy).
 
 This is the only package that imports NNI (``import nni_elastic`` never does). Every name below
 is imported on first use, so each entry point loads only what it needs.
@@ -29,6 +32,7 @@ __all__ = [
     "PruneAndGrowPruner", "speedup_with_masks",
     "OptunaTuner", "register_tuner", "unregister_tuner", "write_tuner_meta", "TUNER_META",
     "run_trial", "final_metric", "run_subnet_trial", "subnet_metric",
+    "ElasticSpace", "ElasticEvaluator", "ExpansionGrowthStrategy", "GrowableSpace", "GrowthEvaluator",
 ]
 
 _LAZY = {
@@ -38,6 +42,8 @@ _LAZY = {
     "TUNER_META": "._register",
     "run_trial": ".trial", "final_metric": ".trial",
     "run_subnet_trial": ".subnet_trial", "subnet_metric": ".subnet_trial",
+    "ElasticSpace": ".nas", "ElasticEvaluator": ".nas", "ExpansionGrowthStrategy": ".nas", "GrowableSpace": ".nas",
+    "GrowthEvaluator": ".nas",
 }
 
 

@@ -1,0 +1,1 @@
+"""NNI NAS adapter internals; the public names are in :mod:`nni_elastic.nni.nas`."""
