@@ -30,13 +30,14 @@ from typing import Any, ClassVar, Optional, Sequence, Union
 
 import nni
 import torch
-from nni.common.serializer import SerializableObject
 from nni.mutable import Categorical
 from nni.nas.evaluator import MutableEvaluator
 from nni.nas.space import ModelStatus
 from nni.nas.nn.pytorch import ModelSpace
 from nni.nas.strategy import Strategy
 from torch import nn
+
+from ._space import KeywordTraced
 
 __all__ = ["GrowableSpace", "GrowthEvaluator", "ExpansionGrowthStrategy", "GrowthStep"]
 
@@ -140,7 +141,7 @@ class GrowableSpace(ModelSpace):
 
 
 # ---------------------------------------------------------------------- evaluator
-class GrowthEvaluator(MutableEvaluator):
+class GrowthEvaluator(KeywordTraced, MutableEvaluator):
     """Train a frozen sample ``steps`` optimizer steps (from ``init_from`` when given), evaluate, report.
 
     Args:
@@ -160,21 +161,6 @@ class GrowthEvaluator(MutableEvaluator):
                  device: str = "cpu", data_root: Optional[str] = None) -> None:
         self.arguments = dict(data=data, lr=lr, batch_size=batch_size, seed=seed, steps=steps, init_from=init_from,
                               checkpoint=checkpoint, offset=offset, device=device, data_root=data_root)
-
-    @property
-    def trace_symbol(self) -> Any:
-        return self.__class__
-
-    @property
-    def trace_args(self) -> list:
-        return []
-
-    @property
-    def trace_kwargs(self) -> dict[str, Any]:
-        return dict(self.arguments)
-
-    def trace_copy(self) -> SerializableObject:
-        return SerializableObject(self.__class__, [], self.trace_kwargs)
 
     def replace(self, **changes: Any) -> "GrowthEvaluator":
         return self.__class__(**{**self.arguments, **changes})

@@ -184,7 +184,29 @@ class ElasticSpace(ModelSpace):
 _EVALUATORS: "weakref.WeakKeyDictionary[ElasticModel, dict]" = weakref.WeakKeyDictionary()
 
 
-class ElasticEvaluator(MutableEvaluator):
+class KeywordTraced:
+    """NNI serialises an evaluator by its class and keyword arguments (as FunctionalEvaluator does):
+    a subclass keeps its constructor keywords in ``self.arguments``."""
+
+    arguments: dict[str, Any]
+
+    @property
+    def trace_symbol(self) -> Any:
+        return self.__class__
+
+    @property
+    def trace_args(self) -> list:
+        return []
+
+    @property
+    def trace_kwargs(self) -> dict[str, Any]:
+        return dict(self.arguments)
+
+    def trace_copy(self) -> SerializableObject:
+        return SerializableObject(self.__class__, [], self.trace_kwargs)
+
+
+class ElasticEvaluator(KeywordTraced, MutableEvaluator):
     """Recalibrate BatchNorm and evaluate an :class:`ElasticSubnet` on shared weights; report to NNI.
 
     Args:
@@ -216,21 +238,6 @@ class ElasticEvaluator(MutableEvaluator):
                               calibrate_batches=calibrate_batches, seed=seed, val_limit=val_limit, device=device,
                               data_root=data_root)
 
-    # NNI serialises an evaluator by its class and keyword arguments (as FunctionalEvaluator does)
-    @property
-    def trace_symbol(self) -> Any:
-        return self.__class__
-
-    @property
-    def trace_args(self) -> list:
-        return []
-
-    @property
-    def trace_kwargs(self) -> dict[str, Any]:
-        return dict(self.arguments)
-
-    def trace_copy(self) -> SerializableObject:
-        return SerializableObject(self.__class__, [], self.trace_kwargs)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.arguments.items() if v is not None)
