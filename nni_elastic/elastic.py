@@ -541,6 +541,7 @@ class ElasticModel(nn.Module):
             module = self.model.get_submodule(name)
             device = _module_device(module)
             module._ne_specs = [spec.to(device) for spec in module._ne_specs]
+            module.__dict__.pop("_ne_fast", None)  # prepared forms of the old device/dtype: rebuilt on use
         return self
 
     def _device(self) -> torch.device:

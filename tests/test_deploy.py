@@ -193,3 +193,14 @@ def test_compiled_deploy_export_equals_plain_export() -> None:
     assert info["compiled"] or any("torch.compile failed" in str(w.message) for w in caught)
     with torch.no_grad():
         assert rel_diff(compiled(x), em.export(0)(x)) <= 1e-4
+
+
+def test_moving_the_model_drops_prepared_forms_and_rebuilds_them(zoo) -> None:
+    em, x = zoo["resnet20"]
+    em = copy.deepcopy(em)
+    em.prepare_inference(memory_format="contiguous")
+    em.double()  # a dtype change stands in for a device move: old forms must not be used
+    assert em.inference_memory()["levels"] == 0
+    with torch.no_grad():
+        em.set_level(0)
+        assert rel_diff(em(x.double()), em.export(0)(x.double())) <= 1e-6
