@@ -533,7 +533,7 @@ def _block_order(group: ChannelGroup, model: nn.Module, chunks: Sequence[Sequenc
         cells.setdefault(label, []).append(r)
     sizes = {len(c) for c in cells.values()}
     if len(sizes) != 1:
-        blocked_members = [m.module for m in group.members if m.axis is None and m.dim != "param"]
+        blocked_members = [m.module for m in group.members if m.axis is None]
         return (
             f"grouped layers cut channel group {group.name!r} into unequal blocks ({sorted(len(c) for c in cells.values())} "
             f"channels; members {blocked_members[:6]}), so no level can keep the same number in each"
