@@ -43,19 +43,25 @@ _STATS = ("running_mean", "running_var")
 
 
 class LevelState:
-    """The active level, shared by every sliced module of one elastic model."""
+    """The active level, shared by every sliced module of one elastic model.
 
-    __slots__ = ("index", "bn_row")
+    ``fresh`` is set by ``ElasticModel.forward`` for the duration of a forward whose level's
+    precomputed inference forms it has just checked, so modules need not check them again.
+    """
+
+    __slots__ = ("index", "bn_row", "fresh")
 
     def __init__(self) -> None:
         self.index = 0
         self.bn_row = 0
+        self.fresh = False
 
     def __getstate__(self) -> tuple[int, int]:
         return (self.index, self.bn_row)
 
     def __setstate__(self, state: tuple[int, int]) -> None:
         self.index, self.bn_row = state
+        self.fresh = False
 
 
 def take(t: Optional[torch.Tensor], sel: Selector, dim: int) -> Optional[torch.Tensor]:
@@ -240,22 +246,32 @@ def set_fast(module: nn.Module, slot: int, fast: Optional[FastSpec]) -> None:
         table[slot] = fast
 
 
+def _put(module: nn.Module, tensors: dict[str, torch.Tensor], attrs: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """Put ``tensors`` (by parameter/buffer name) and ``attrs`` in place; returns what they replaced."""
+    params, buffers, own = module._parameters, module._buffers, module.__dict__
+    saved_p = {n: params[n] for n in tensors if n in params}
+    saved_b = {n: buffers.get(n) for n in tensors if n not in saved_p}
+    saved_a = {n: own[n] for n in attrs}
+    for name, t in tensors.items():
+        (params if name in saved_p else buffers)[name] = t
+    own.update(attrs)
+    return saved_p, saved_b, saved_a
+
+
+def _restore(module: nn.Module, saved: tuple[dict, dict, dict]) -> None:
+    module._parameters.update(saved[0])
+    module._buffers.update(saved[1])
+    module.__dict__.update(saved[2])
+
+
 def _fast_forward(self: Any, base: Any, fast: FastSpec, args: tuple, kwargs: dict) -> Any:
     if fast.identity:
         return args[0]
-    params, buffers, attrs = self._parameters, self._buffers, self.__dict__
-    saved_p = {n: params[n] for n in fast.tensors if n in params}
-    saved_b = {n: buffers.get(n) for n in fast.tensors if n not in saved_p}
-    saved_a = {n: attrs[n] for n in fast.attrs}
-    for name, t in fast.tensors.items():
-        (params if name in saved_p else buffers)[name] = t
-    attrs.update(fast.attrs)
+    saved = _put(self, fast.tensors, fast.attrs)
     try:
         return base(self, *args, **kwargs)
     finally:
-        params.update(saved_p)
-        buffers.update(saved_b)
-        attrs.update(saved_a)
+        _restore(self, saved)
 
 
 def _sliced_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -265,51 +281,41 @@ def _sliced_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     fast_table = self.__dict__.get("_ne_fast")
     if fast_table and not self.training and not torch.is_grad_enabled():
         fast = fast_table.get(self._ne_state.index)
-        if fast is not None and fast.fresh():
+        if fast is not None and (self._ne_state.fresh or fast.fresh()):
             return _fast_forward(self, base, fast, args, kwargs)
     spec: SliceSpec = self._ne_specs[self._ne_state.index]
     rows = "level_running_mean" in self._buffers
     if spec.is_full and not rows:
         return base(self, *args, **kwargs)
-    params, buffers, attrs = self._parameters, self._buffers, self.__dict__
-    saved_p: dict[str, Any] = {}
-    saved_b: dict[str, Any] = {}
-    saved_a: dict[str, Any] = {}
-    write_back = None
-    for name, sels in spec.tensors:
-        store = params if name in params else buffers
-        full = store[name]
-        view = full
-        for axis, sel in sels:
-            view = take(view, sel, axis)
-        (saved_p if store is params else saved_b)[name] = full
-        store[name] = view
-    if rows:
-        row = self._ne_state.bn_row
-        mean_row, var_row = buffers["level_running_mean"][row], buffers["level_running_var"][row]
-        for name in (*_STATS, "num_batches_tracked"):
-            saved_b[name] = buffers.get(name)
-        buffers["running_mean"] = take(mean_row, spec.stats, 0)
-        buffers["running_var"] = take(var_row, spec.stats, 0)
-        buffers["num_batches_tracked"] = buffers["level_num_batches_tracked"][row]
-        if isinstance(spec.stats, torch.Tensor):  # index_select copies: write the update back
-            write_back = (mean_row, var_row, buffers["running_mean"], buffers["running_var"], spec.stats)
-    for name, value in spec.attrs.items():
-        saved_a[name] = attrs[name]
-        attrs[name] = value
-    attrs["_ne_active"] = True
+    row = self._ne_state.bn_row
+    views = level_views(self, spec, row)
+    saved = _put(self, views, spec.attrs)
+    self.__dict__["_ne_active"] = True
     try:
         return base(self, *args, **kwargs)
     finally:
-        attrs.pop("_ne_active", None)
-        params.update(saved_p)
-        attrs.update(saved_a)
-        if write_back is not None and self.training:
-            mean_row, var_row, mean, var, sel = write_back
-            with torch.no_grad():
-                mean_row.index_copy_(0, sel, mean)
-                var_row.index_copy_(0, sel, var)
-        buffers.update(saved_b)
+        self.__dict__.pop("_ne_active", None)
+        if rows and self.training and isinstance(spec.stats, torch.Tensor):
+            with torch.no_grad():  # index_select copied the statistics: write the update back
+                self.level_running_mean[row].index_copy_(0, spec.stats, views["running_mean"])
+                self.level_running_var[row].index_copy_(0, spec.stats, views["running_var"])
+        _restore(self, saved)
+
+
+def level_views(module: nn.Module, spec: SliceSpec, row: int) -> dict[str, torch.Tensor]:
+    """The tensors a sliced module's forward reads at a level, by parameter/buffer name: the sliced
+    views of ``spec.tensors`` and, with per-level statistics, the running statistics of ``row``."""
+    views: dict[str, torch.Tensor] = {}
+    for name, sels in spec.tensors:
+        t = module._parameters[name] if name in module._parameters else module._buffers[name]
+        for axis, sel in sels:
+            t = take(t, sel, axis)
+        views[name] = t
+    if has_level_rows(module):
+        views["running_mean"] = take(module.level_running_mean[row], spec.stats, 0)
+        views["running_var"] = take(module.level_running_var[row], spec.stats, 0)
+        views["num_batches_tracked"] = module.level_num_batches_tracked[row]
+    return views
 
 
 def _rows_load_from_state_dict(self: Any, *args: Any, **kwargs: Any) -> None:

@@ -503,9 +503,8 @@ class ElasticModel(nn.Module):
                 if _close(sliced, plain):
                     return None
                 with _as_float64(self.model), _as_float64(exported):
-                    if _close(self._probe(), self._probe(exported), rtol=1e-9):
-                        return None
-                    return f"max relative difference {_rel_err(self._probe(), self._probe(exported)):.2e}"
+                    err = _rel_err(self._probe(), self._probe(exported))
+                return None if err <= 1e-9 else f"max relative difference {err:.2e}"
         except UnsupportedModuleError:
             raise
         except Exception as exc:  # a forward or torch-pruning's pruning fails at this width
@@ -642,13 +641,18 @@ class ElasticModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         info = self.__dict__.get("_inference")
-        if info is not None and not self.model.training and not torch.is_grad_enabled():
-            slot = self._state.index
-            self._ensure_prepared(slot)
-            if info["formats"].get(slot) == "channels_last" and args and isinstance(args[0], torch.Tensor) \
-                    and args[0].dim() == 4:  # as the deploy export is fed: no conversion inside the first layer
-                args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
-        return self.model(*args, **kwargs)
+        if info is None or self.model.training or torch.is_grad_enabled():
+            return self.model(*args, **kwargs)
+        slot = self._state.index
+        self._ensure_prepared(slot)  # checks every module's prepared form of this level once
+        if info["formats"].get(slot) == "channels_last" and args and isinstance(args[0], torch.Tensor) \
+                and args[0].dim() == 4:  # as the deploy export is fed: no conversion inside the first layer
+            args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+        self._state.fresh = True
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self._state.fresh = False
 
     # ------------------------------------------------------------------ inference form
     def prepare_inference(self, *, lazy: bool = False, memory_format: str = "auto", batch_size: int = 1) -> dict[str, Any]:
@@ -758,20 +762,10 @@ class ElasticModel(nn.Module):
 
     def _level_tensors(self, module: nn.Module, slot: int, row: int) -> dict[str, torch.Tensor]:
         """Every parameter/buffer the module's forward reads at a slot, sliced as its forward would slice it."""
-        spec = module._ne_specs[slot]
-        out: dict[str, torch.Tensor] = {}
-        for name, sels in spec.tensors:
-            t = module._parameters[name] if name in module._parameters else module._buffers[name]
-            for axis, sel in sels:
-                t = _slicing.take(t, sel, axis)
-            out[name] = t
-        for name in ("weight", "bias"):
+        out = _slicing.level_views(module, module._ne_specs[slot], row)
+        for name in ("weight", "bias"):  # unsliced at this level: read whole (and folded, for pairs)
             if name not in out and isinstance(module._parameters.get(name), torch.Tensor):
                 out[name] = module._parameters[name]
-        if _slicing.has_level_rows(module):
-            out["running_mean"] = _slicing.take(module.level_running_mean[row], spec.stats, 0)
-            out["running_var"] = _slicing.take(module.level_running_var[row], spec.stats, 0)
-            out["num_batches_tracked"] = module.level_num_batches_tracked[row]
         return out
 
     def parameter_masks(self, level: LevelLike) -> dict[str, torch.Tensor]:
