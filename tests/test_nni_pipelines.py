@@ -98,7 +98,10 @@ def _trial_command(command: str) -> tuple[str, argparse.Namespace]:
     argv = shlex.split(command)
     while argv and "=" in argv[0] and not argv[0].startswith("-"):  # leading VAR=value assignments
         argv.pop(0)
-    assert argv[:2] == ["python", "-m"], f"trialCommand {command!r} should run `python -m <module>`"
+    # `python`, or an interpreter by absolute path (remote workers: a ~/.bashrc may change PATH there)
+    assert argv[1:2] == ["-m"] and (argv[0] == "python" or (argv[0].startswith("/") and
+                                    Path(argv[0]).name.startswith("python"))), \
+        f"trialCommand {command!r} should run `python -m <module>`"
     module = argv[2]
     assert module in TRIAL_MODULES, f"trialCommand runs {module!r}, not one of {sorted(TRIAL_MODULES)}"
     parser = argparse.ArgumentParser()
@@ -130,8 +133,12 @@ def test_every_search_space_has_a_config_and_the_expansion_space_is_the_recipe_d
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_config_is_a_valid_nni_experiment(path: Path, tmp_path: Path) -> None:
     config = ExperimentConfig.load(path)
+    if config.training_service.platform == "remote":  # NNI checks that each machine's SSH key file exists
+        (tmp_path / "id_key").write_text("")
+        for machine in config.training_service.machine_list:
+            machine.ssh_key_file = str(tmp_path / "id_key")
     canon = config.json()  # NNI's own canonicalisation and validation (raises on a bad config)
-    assert canon["trainingService"]["platform"] == "local"
+    assert canon["trainingService"]["platform"] == ("remote" if path.name.startswith("remote") else "local")
     assert Path(canon["trialCodeDirectory"]).resolve() == ROOT  # `trialCodeDirectory: ..` is the repository root
     assert canon["maxTrialNumber"] and canon["maxExperimentDuration"]
     space = load_search_space(canon["searchSpaceFile"])
