@@ -39,6 +39,8 @@ from typing import Any, BinaryIO, Callable, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
+from .distributed import is_main
+
 PathLike = Union[str, os.PathLike]
 
 __all__ = [
@@ -119,8 +121,14 @@ def remove_stale_temps(directory: PathLike, name: Optional[str] = None) -> list[
 
 
 def atomic_write(path: PathLike, write: Callable[[BinaryIO], Any]) -> Path:
-    """Call ``write(file)`` on a temporary file in the same directory, fsync, then ``os.replace`` it into place."""
+    """Call ``write(file)`` on a temporary file in the same directory, fsync, then ``os.replace`` it into place.
+
+    In a multi-process run only rank 0 writes (the others return the path at once): every process
+    holds the same weights, and one writer keeps files whole.
+    """
     path = Path(path)
+    if not is_main():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)

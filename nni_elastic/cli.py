@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -62,16 +63,48 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _torchrun(nproc: int, argv: Sequence[str]) -> int:
+    """``nni-elastic run ... --nproc N``: the same command under torchrun with N processes on this machine."""
+    import subprocess
+
+    if nproc < 1:
+        raise ValueError(f"--nproc {nproc}: give the number of processes, 1 or more")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--nproc inside a torchrun process: drop --nproc (torchrun already started the processes)")
+    rest, skip = [], False
+    for arg in argv:  # the command again, without --nproc
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "nni_elastic.cli", *rest]
+    logger.info("starting %s", " ".join(cmd))
+    return subprocess.call(cmd)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from . import distributed as dist
     from .config import load_recipe
     from .runner import run_recipe
 
     overrides = parse_overrides(args.set)
     if args.device:
         overrides["device"] = args.device
-    recipe = load_recipe(args.recipe, overrides)
-    result = run_recipe(recipe, output=args.out, resume=args.resume, quiet=args.quiet)
-    if not args.quiet:
+    recipe = load_recipe(args.recipe, overrides)  # a bad recipe fails here, once, before any process starts
+    if args.nproc is not None and args.nproc != 1:
+        return _torchrun(args.nproc, args.argv)
+    started = dist.setup_from_env(recipe.device)
+    main = dist.is_main()
+    try:
+        result = run_recipe(recipe, output=args.out, resume=args.resume, quiet=args.quiet or not main)
+        dist.barrier()  # rank 0 writes the files; the run ends when they are written
+    finally:
+        if started:
+            dist.teardown()
+    if not args.quiet and main:
         timing = result.records.get("latency") if isinstance(result.records, dict) else None
         where = (f"latency: {timing['form']} form, batch {timing['batch_size']} of {timing['input']}, {timing['device']}"
                  if timing else f"latency on {resolve_device(recipe.device)}")
@@ -170,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key, e.g. strategy.grow_epochs=1")
     r.add_argument("--device", default=None, help="auto | cpu | cuda (overrides the recipe)")
+    r.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train with N processes on this machine (torchrun + DistributedDataParallel: gloo on CPU, "
+                        "NCCL on GPUs, one GPU each); for several machines call torchrun yourself")
     r.set_defaults(func=cmd_run)
 
     for name, func, helptext in (("levels", cmd_levels, "print the level table of a checkpoint or zoo model"), ("export", cmd_export, "write compact exports of every level")):
@@ -213,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return run_command(f"nni-elastic {args.command}", lambda: args.func(args))
 

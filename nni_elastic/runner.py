@@ -27,6 +27,7 @@ from .checkpoint import atomic_write_json, atomic_write_text, ensure_output_dir,
 from .config import Recipe, RecipeError, recipe_differences
 from .data import load_dataset
 from .device import resolve_device
+from .distributed import is_main
 from .elastic import ElasticModel
 from .models import create_model
 from .reporting import plot_levels, save_exports
@@ -97,6 +98,8 @@ def run_recipe(
     result = strategy.run(model, splits.train, splits.val, resume=resume, example_inputs=splits.example_inputs())
     em, rows = result.elastic_model, result.rows
     written: list[Path] = []
+    if not is_main():  # several processes hold the same result; rank 0 writes it
+        return RunResult(em, rows, out, result.compute, result.records, written)
     if em is not None:
         em.save(out / "elastic.pt", recipe=recipe.to_dict(), **result.metadata)
         if exports:

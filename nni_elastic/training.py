@@ -20,9 +20,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .device import resolve_device
 from .options import check_options, option
 
@@ -132,20 +133,33 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256, device: str | torch.device = "auto") -> dict[str, float]:
-    """Mean cross-entropy and accuracy of ``model`` (in eval mode) on ``data``."""
+    """Mean cross-entropy and accuracy of ``model`` (in eval mode) on ``data``.
+
+    In a multi-process run (:mod:`nni_elastic.distributed`) every process evaluates its share of a
+    dataset and the counts are summed, so each gets the metrics of the whole set; call it on every
+    process.
+    """
     device = resolve_device(device)
     was_training = model.training
     model.eval()
-    total, correct, loss_sum = 0, 0, 0.0
+    sharded = dist.is_distributed() and not isinstance(data, DataLoader)
+    if dist.is_distributed():
+        dist.sync_buffers(model)
+    if sharded:
+        data = Subset(data, dist.shard_indices(len(data)))
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
     try:
         for x, y in _loader(data, batch_size, False, 0):
             x, y = x.to(device), y.to(device)
             logits = model(x)
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(dim=1) == y).sum().item()
-            total += y.numel()
+            sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
+            sums[1] += (logits.argmax(dim=1) == y).sum()
+            sums[2] += y.numel()
     finally:
         model.train(was_training)
+    if sharded:
+        dist.all_reduce_(sums)
+    loss_sum, correct, total = sums.tolist()
     if total == 0:
         raise ValueError("evaluate got an empty dataset")
     return {"loss": loss_sum / total, "accuracy": correct / total}
@@ -205,34 +219,53 @@ def train(
     model.to(device)
     seed_everything(cfg.seed + start_epoch)
     generator = torch.Generator()
-    loader = train_data if isinstance(train_data, DataLoader) else DataLoader(
-        train_data, batch_size=cfg.batch_size, shuffle=True, generator=generator)
+    sampler: Optional[DistributedSampler] = None
+    if isinstance(train_data, DataLoader):
+        if dist.is_distributed():
+            raise ValueError("a multi-process run shards the training set itself: pass the Dataset, not a DataLoader")
+        loader = train_data
+    elif dist.is_distributed():
+        loader, sampler = _sharded_loader(train_data, cfg)
+    else:
+        loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True, generator=generator)
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     history = History()
     if cfg.epochs == 0 or not params:
         return history
     opt = optimizer if optimizer is not None else make_optimizer(params, cfg)
     sched = scheduler if scheduler is not None else make_scheduler(opt, cfg, len(loader))
+    # several processes: the step sees the model through DistributedDataParallel (gradients averaged)
+    net: Any = dist.Replicated(model, device) if dist.is_distributed() else model
+    check_sync = dist.is_distributed() and dist.check_sync_requested()
     global_step = start_epoch * len(loader)
     for epoch in range(start_epoch, cfg.epochs):
         generator.manual_seed(cfg.seed + epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         model.train()
         loss_sum, batches = 0.0, 0
         # disable=None: no bar when stderr is not a terminal (logs of NNI trials and CI stay readable)
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=True if quiet else None, leave=False,
-                   dynamic_ncols=True, mininterval=0.5)
+        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=True if quiet or not dist.is_main() else None,
+                   leave=False, dynamic_ncols=True, mininterval=0.5)
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
-            loss = step(model, x, y)
+            loss = step(net, x, y)
             opt.step()
             global_step += 1
             if after_step is not None:
                 after_step(opt, global_step)
+                if net is not model:
+                    net.refresh()  # growth added parameters: wrap again (rank 0's new weights everywhere)
+            if check_sync:
+                dist.check_in_sync(model, f"after step {global_step}")
             sched.step()
             loss_sum += float(loss)
             batches += 1
             bar.set_postfix(loss=f"{loss_sum / batches:.4f}", refresh=False)
+        if dist.is_distributed():
+            dist.sync_buffers(model)  # each process's BatchNorm statistics saw its shard only
+            loss_sum = float(dist.all_reduce_(torch.tensor([loss_sum], dtype=torch.float64, device=device), "mean"))
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, batches), "lr": sched.get_last_lr()[0]}
         if val_data is not None:
             metrics = evaluate_fn(model, val_data) if evaluate_fn else evaluate(model, val_data, device=device)
@@ -242,3 +275,13 @@ def train(
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
     return history
+
+
+def _sharded_loader(data: Dataset, cfg: TrainConfig) -> tuple[DataLoader, DistributedSampler]:
+    """This process's shard of ``data``, reshuffled per epoch; ``cfg.batch_size`` is the global batch."""
+    n = dist.world_size()
+    if cfg.batch_size % n:
+        raise ValueError(f"train.batch_size {cfg.batch_size} is the global batch of {n} processes: make it a multiple "
+                         f"of {n} (each process takes batch_size / {n})")
+    sampler = DistributedSampler(data, num_replicas=n, rank=dist.rank(), shuffle=True, seed=cfg.seed)
+    return DataLoader(data, batch_size=cfg.batch_size // n, sampler=sampler), sampler

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import CheckpointError, atomic_save, read_checkpoint
 from ..device import resolve_device
+from ..distributed import is_main
 from ..elastic import ElasticModel, check_widths
 from ..graph import GRADIENT_IMPORTANCES
 from ..options import check_options, option
@@ -220,7 +221,8 @@ class PruneAndGrow(Strategy):
             self._notify(StepInfo(step.name, index, len(steps), info.get("val_accuracy"), info))
         self.elastic_model_ = em
         self._build_report(em, data)
-        self.measure_latency()
+        if is_main():  # timed where the files are written; the other processes would only compete for cores
+            self.measure_latency()
         # eval: ready to deploy (a train-mode forward would move a level's BatchNorm statistics)
         return self._result(em.eval())
 
