@@ -53,6 +53,16 @@ def _sshd() -> str | None:
     return found if os.access(found, os.X_OK) else None
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM if pytest dies before its teardown (killed, not interrupted)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class Sshd:
     """An OpenSSH server on 127.0.0.1 for the current user, everything in one temporary directory."""
 
@@ -89,7 +99,8 @@ class Sshd:
         if os.geteuid() == 0 and not os.path.isdir("/run/sshd"):
             os.makedirs("/run/sshd", mode=0o755)  # sshd's privilege separation directory (systemd makes it)
         self.proc = subprocess.Popen([_sshd(), "-D", "-e", "-f", str(self.root / "sshd_config")],
-                                     stdout=(self.root / "sshd.log").open("w"), stderr=subprocess.STDOUT)
+                                     stdout=(self.root / "sshd.log").open("w"), stderr=subprocess.STDOUT,
+                                     preexec_fn=_die_with_parent)
         end = time.monotonic() + 20
         while time.monotonic() < end:
             if self.proc.poll() is not None:
