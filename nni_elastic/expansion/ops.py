@@ -7,8 +7,9 @@
   weights is not zero, so the expansion score sees what the channels could contribute
   (Net2Net/GradMax-style: new outgoing weights zero). New channels are appended after the existing
   ones, so the model before growth is a prefix of the model after it.
-* :func:`add_block` appends an identity-initialised block to a stage of ``growable_cnn``
-  (SECNN's identity initialisation).
+* :func:`add_block` appends an identity-initialised block to a stage of ``growable_cnn`` or
+  ``secnn_cnn`` (SECNN's identity initialisation, sec. 3); its BatchNorm is set from a training
+  batch so that the function is kept in train mode too, not only in eval mode.
 
 Both return a :class:`ParamChange` list that :func:`update_optimizer` uses to carry optimizer
 state (momentum, Adam moments) over to the grown parameters.
@@ -23,7 +24,7 @@ import torch.nn as nn
 
 from ..graph import ChannelGroup
 
-__all__ = ["ParamChange", "widen_group", "add_block", "update_optimizer"]
+__all__ = ["ParamChange", "widen_group", "add_block", "identity_batchnorm", "update_optimizer"]
 
 
 @dataclass
@@ -120,36 +121,75 @@ def widen_group(model: nn.Module, group: ChannelGroup, count: int) -> list[Param
     return changes
 
 
-def add_block(model: nn.Module, stage: int, calibration: Optional[torch.Tensor] = None) -> list[ParamChange]:
-    """Append an identity-initialised block to ``stage`` of a ``growable_cnn`` (function-preserving in eval mode).
+def _input_of(model: nn.Module, module: nn.Module, inputs: torch.Tensor, training: bool) -> torch.Tensor:
+    """What ``module`` receives when ``model`` runs on ``inputs`` (train or eval mode), leaving every buffer as it was.
 
-    With ``calibration`` inputs, the new BatchNorm is set from the statistics of the block's input
-    on them (running mean/var = batch mean/var, weight = sqrt(var + eps), bias = mean): still the
-    exact identity in eval mode, and close to it in train mode too, where a plain identity BN
-    would normalise the features with batch statistics and change the function at once.
+    A train-mode forward updates the running statistics of every BatchNorm; they are put back so
+    that looking does not change the model.
+    """
+    captured: dict[str, torch.Tensor] = {}
+    hook = module.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0].detach()))
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    was_training = model.training
+    try:
+        model.train(training)
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        hook.remove()
+        model.train(was_training)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+    return captured["x"]
+
+
+@torch.no_grad()
+def identity_batchnorm(bn: nn.modules.batchnorm._BatchNorm, x: Optional[torch.Tensor] = None) -> None:
+    """Make ``bn`` the identity in eval mode and, given its input ``x``, in train mode on that batch.
+
+    Train mode normalises with the batch mean ``m`` and biased variance ``v`` of ``x``; with
+    weight ``sqrt(v + eps)`` and bias ``m`` the normalisation is undone exactly. Setting the
+    running statistics to the same ``m, v`` makes eval mode the identity for every input. Without
+    ``x``: running mean 0, variance 1, weight ``sqrt(1 + eps)``, bias 0 (exact in eval mode only).
+    """
+    if x is None:
+        mean = torch.zeros(bn.num_features, device=bn.weight.device, dtype=bn.weight.dtype)
+        var = torch.ones_like(mean)
+    else:
+        dims = [d for d in range(x.dim()) if d != 1]
+        mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
+    bn.running_mean.copy_(mean)
+    bn.running_var.copy_(var)
+    bn.weight.copy_(torch.sqrt(var + bn.eps))
+    bn.bias.copy_(mean)
+
+
+def add_block(model: nn.Module, stage: int, calibration: Optional[torch.Tensor] = None, noise: float = 0.0) -> list[ParamChange]:
+    """Append an identity-initialised block to ``stage`` of a growable model, keeping its function.
+
+    The model's ``add_block(stage)`` builds the block (Dirac conv: the identity in eval mode).
+    ``noise`` adds Gaussian noise of that standard deviation to the new conv's weights (SECNN's
+    "identity plus small noise", sec. 3: it breaks the symmetry between the new layer's filters;
+    the function changes by about that much). With ``calibration`` inputs (a training batch), the
+    new BatchNorm is set by :func:`identity_batchnorm` from its train-mode input on that batch:
+    the model's outputs are then unchanged (up to the noise) in eval mode for every input and in
+    train mode on that batch. Growth happens in train mode, so the steps after it start from
+    exactly the function they had.
     """
     if not hasattr(model, "add_block"):
         raise ValueError(f"{type(model).__name__} cannot grow in depth; only growable_cnn models have blocks to add")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or noise < 0:
+        raise ValueError(f"noise={noise!r} must be a number >= 0")
     block = model.add_block(stage)
-    if calibration is not None and isinstance(getattr(block, "bn", None), nn.BatchNorm2d):
-        captured: dict[str, torch.Tensor] = {}
-        hook = block.register_forward_pre_hook(lambda m, inputs: captured.setdefault("x", inputs[0].detach()))
-        was_training = model.training
-        try:
-            model.eval()
-            with torch.no_grad():
-                model(calibration)
-        finally:
-            hook.remove()
-            model.train(was_training)
-        x = captured["x"]
-        mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
-        bn = block.bn
+    conv = getattr(block, "conv", None)
+    if noise > 0 and isinstance(conv, nn.Conv2d):
         with torch.no_grad():
-            bn.running_mean.copy_(mean)
-            bn.running_var.copy_(var)
-            bn.weight.copy_(torch.sqrt(var + bn.eps))
-            bn.bias.copy_(mean)
+            conv.weight.add_(noise * torch.randn_like(conv.weight))
+    bn = getattr(block, "bn", None)
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        identity_batchnorm(bn, None if calibration is None else _input_of(model, bn, calibration, training=True))
     return [ParamChange(None, p) for p in block.parameters()]
 
 

@@ -9,8 +9,10 @@ matrix of per-sample gradients). With the Woodbury identity and ``K = G G^T`` (N
 so the cost is O(N P) for the gradients and O(N^3) for the solve; no P x P matrix is formed.
 
 Relation to the papers: SENN (arXiv 2307.04526) defines eta = g^T F^-1 g with a Kronecker-factored
-Fisher; SECNN (arXiv 2401.05686) uses the empirical Fisher as here. Our value carries no extra
-constant factor. The damping matters (see PAPERS.md, "a pitfall"): with N < P, eta -> 1 for
+Fisher; SECNN (Appolinary, Deaconu, Yang, Li, arXiv 2401.05686, sec. 3) uses the empirical Fisher
+and, to make it tractable, keeps only its diagonal: that score is :class:`DiagonalFisher`
+(``eta = sum_j g_j^2 / (F_jj + lambda)``). :class:`FisherGram` keeps the whole empirical Fisher
+(exact, through the N x N Gram matrix); neither carries an extra constant factor. The damping matters (see PAPERS.md, "a pitfall"): with N < P, eta -> 1 for
 every model as lambda -> 0. K has at most N non-zero eigenvalues mu_i and
 eta = (1/N) sum_i (1^T u_i)^2 mu_i / (mu_i + N lambda): only gradient directions whose
 eigenvalue exceeds N lambda count. We therefore set lambda relative to the mean non-zero
@@ -37,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-__all__ = ["natural_expansion_score", "per_sample_gradients", "FisherGram", "DAMPING_MODES"]
+__all__ = ["natural_expansion_score", "per_sample_gradients", "FisherGram", "DiagonalFisher", "DAMPING_MODES"]
 
 DAMPING_MODES = ("relative", "absolute")
 
@@ -115,8 +117,22 @@ class FisherGram:
     @classmethod
     def of(cls, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
            loss_fn: Callable = F.cross_entropy, params: Optional[Sequence[str]] = None) -> "FisherGram":
-        g = per_sample_gradients(model, inputs, targets, loss_fn, params).double()
+        return cls.from_gradients(per_sample_gradients(model, inputs, targets, loss_fn, params))
+
+    @classmethod
+    def from_gradients(cls, g: torch.Tensor) -> "FisherGram":
+        """From the N x P per-sample gradients."""
+        g = g.double()
         return cls(g @ g.T, g.shape[1])
+
+    def extended(self, g_new: torch.Tensor) -> "FisherGram":
+        """The Fisher of the model with more parameters whose per-sample gradients are ``g_new`` (N x P_new).
+
+        Valid when the old parameters' gradients are unchanged (function-preserving expansions):
+        K_c = K + G_new G_new^T.
+        """
+        g_new = g_new.double()
+        return FisherGram(self.gram + g_new @ g_new.T, self.num_params + int(g_new.shape[1]))
 
     @property
     def n(self) -> int:
@@ -137,6 +153,53 @@ class FisherGram:
         system = self.gram + n * lam * torch.eye(n, dtype=self.gram.dtype, device=self.gram.device)
         solved = torch.linalg.solve(system, ones)
         return float((ones.T @ self.gram @ solved).item()) / n
+
+
+@dataclass
+class DiagonalFisher:
+    """The diagonal of the empirical Fisher and the mean gradient: SECNN's score (sec. 3).
+
+    ``eta = sum_j g_j^2 / (F_jj + lambda)`` with ``g`` the mean of the per-sample gradients and
+    ``F_jj = (1/N) sum_i g_ij^2``. Each term is at most ``g_j^2 / F_jj <= 1`` (Jensen), so eta grows
+    with the number of parameters: a size regularisation (SECNN's ``exp(-lambda_n dp^2)``) or the
+    threshold must pay for it. Cost O(N P); no N x N or P x P matrix.
+    """
+
+    mean: torch.Tensor  # P, float64
+    second: torch.Tensor  # P, float64: F_jj
+
+    @classmethod
+    def of(cls, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+           loss_fn: Callable = F.cross_entropy, params: Optional[Sequence[str]] = None) -> "DiagonalFisher":
+        return cls.from_gradients(per_sample_gradients(model, inputs, targets, loss_fn, params))
+
+    @classmethod
+    def from_gradients(cls, g: torch.Tensor) -> "DiagonalFisher":
+        g = g.double()
+        return cls(g.mean(0), (g * g).mean(0))
+
+    @property
+    def num_params(self) -> int:
+        return int(self.mean.numel())
+
+    def fisher_trace(self) -> float:
+        return float(self.second.sum())
+
+    def damping(self, damping: float, mode: str = "relative") -> float:
+        """The absolute lambda: ``damping`` times the mean diagonal entry trace(F)/P, or ``damping`` itself."""
+        return damping * self.fisher_trace() / max(1, self.num_params) if mode == "relative" else float(damping)
+
+    def terms(self, lam: float) -> torch.Tensor:
+        """The per-parameter terms g_j^2 / (F_jj + lambda) (their sum is eta)."""
+        return self.mean ** 2 / (self.second + lam)
+
+    def score(self, lam: float) -> float:
+        return float(self.terms(lam).sum())
+
+    def extended(self, g_new: torch.Tensor) -> "DiagonalFisher":
+        """With new parameters whose per-sample gradients are ``g_new``: their diagonal entries appended."""
+        g_new = g_new.double()
+        return DiagonalFisher(torch.cat([self.mean, g_new.mean(0)]), torch.cat([self.second, (g_new * g_new).mean(0)]))
 
 
 def natural_expansion_score(

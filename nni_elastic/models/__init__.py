@@ -91,7 +91,7 @@ def list_models() -> list[str]:
 
 
 # Imported last so each model file can use ``register_model`` defined above.
-from nni_elastic.models import alexnet, densenet, growable, mobilenet, resnet, vgg  # noqa: E402,F401
+from nni_elastic.models import alexnet, densenet, growable, mobilenet, resnet, secnn, vgg  # noqa: E402,F401
 from nni_elastic.models.alexnet import AlexNet  # noqa: E402
 from nni_elastic.models.densenet import DenseNetTiny  # noqa: E402
 from nni_elastic.models.growable import GrowableCNN  # noqa: E402

@@ -1,9 +1,11 @@
 """A stage-and-block CNN that can grow in depth, for expansion-score growth (SECNN).
 
-SECNN (Zhu et al., "Self-Expanding Convolutional Neural Networks", arXiv 2401.05686) grows a
-network by appending conv blocks where an expansion score says capacity is missing. This model
-exposes ``model.stages[i].blocks`` so such an algorithm can grow it, and ``add_block`` appends a
-block that leaves the eval-mode function unchanged.
+SECNN (Appolinary, Deaconu, Yang, Li, "Self Expanding Convolutional Neural Networks",
+arXiv 2401.05686) grows a network by adding identity-initialised layers where the natural
+expansion score says capacity is missing. This model exposes ``model.stages[i].blocks`` so such an
+algorithm can grow it, and ``add_block`` appends an identity block. It is our plain ReLU CNN, not
+SECNN's architecture: that one (LeakyReLU, pooling between stages, a skip from the first block to
+the last, a 1x1 head) is ``secnn_cnn`` (:mod:`nni_elastic.models.secnn`).
 """
 from __future__ import annotations
 
@@ -113,7 +115,8 @@ class GrowableCNN(nn.Module):
         The conv is Dirac-initialised and the BN has running mean 0, running var 1, weight
         sqrt(1 + eps), bias 0, so conv and BN are both the identity in eval mode; the block's input
         is post-ReLU (non-negative), so its ReLU is the identity too. In train mode BN normalises
-        with batch statistics, so the function is only preserved in eval mode. New parameters are
+        with batch statistics: :func:`nni_elastic.expansion.add_block` (with ``calibration``)
+        sets the BN from a training batch so that train mode is exact on it too. New parameters are
         not in any existing optimizer: the caller must add them. Updates
         ``self.nni_elastic_arch["kwargs"]["blocks"]`` when present so a checkpoint rebuilds.
 

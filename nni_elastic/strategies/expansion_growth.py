@@ -1,36 +1,66 @@
 """Expansion-score growth (SECNN, arXiv 2401.05686, after SENN, arXiv 2307.04526).
 
-Start small and grow during training, never restarting it. Every ``check_every`` optimizer steps
-the natural expansion score eta (see :mod:`nni_elastic.expansion.score`) of the current model is
-compared with that of every candidate expansion, each function-preserving:
+Start small and grow during training, never restarting it. At each growth check the natural
+expansion score eta (see :mod:`nni_elastic.expansion.score`) of the current model is compared with
+that of candidate expansions, each function-preserving:
 
-* a new identity-initialised block in a stage of a ``growable_cnn`` (SECNN's depth growth);
-* ``width_fraction`` more channels in any channel group of the dependency graph (SENN's width
-  growth, here on any traceable CNN: ResNets grow in width too).
+* a new identity-initialised block in a stage of a ``growable_cnn`` / ``secnn_cnn`` (SECNN's depth
+  growth; its BatchNorm is set from the score batch so that train mode is preserved too);
+* more channels in a channel group of the dependency graph (SENN's width growth, here on any
+  traceable CNN), or in every convolution of a stage at once (``width_scope="stage"``, SECNN).
 
-A candidate is scored on its expanded parameters with the same fixed, absolute damping lambda
-as the current model, and its gain is the increase of the score,
-``eta_candidate - eta_current - size_penalty * added / params`` (SENN's Delta eta, with a cost
-for the added parameters as in SECNN's score-plus-regularisation criterion). The best candidate is
-applied when its gain exceeds ``threshold`` and the model stays within ``max_params`` /
-``max_macs``. Each expansion closes a complexity level: the model just before it is evaluated
-and checkpointed, so one run yields checkpoints at several sizes.
+A candidate is scored on its expanded parameters with the same damping lambda as the current
+model. Three criteria (``criterion``):
 
-Why the absolute increase at a fixed lambda, not a ratio (PAPERS.md, "a pitfall"): eta is the
+* ``"gain"`` (default): exact empirical Fisher (Woodbury), expand when the absolute increase
+  ``eta_c - eta - size_penalty * dp`` exceeds ``threshold`` (``dp`` = added / current params).
+* ``"ratio"``: exact empirical Fisher, expand when
+  ``eta_c * exp(-size_lambda * n^2) / eta > tau`` (SECNN's criterion on the exact score; ``n`` the
+  number of parameters the candidate adds).
+* ``"secnn"``: SECNN as published (sec. 3): the *diagonal* empirical Fisher
+  (:class:`~nni_elastic.expansion.score.DiagonalFisher`, damping relative to its mean entry), the
+  ratio criterion with the multiplicative size regularisation ``eta_c * exp(-size_lambda * n^2)``.
+  SECNN checks once per epoch (``check_per_epoch``) with a cooldown between expansions
+  (``cooldown``), initialises new layers as the identity plus small noise (``new_layer_noise``) and
+  adds a few channels to every convolution of a block (``width_scope: stage``,
+  ``width_increment``); ``strategies/expansion_growth/*_secnn.yaml`` set all of these.
+
+Why the absolute increase at a fixed lambda is our default (PAPERS.md, "a pitfall"): eta is the
 first-order loss decrease of one damped natural-gradient step, so with lambda fixed for the run
 (``damping``) Delta eta is the extra decrease the new parameters would buy, about
 ``|g_new|^2 / lambda``; it shrinks as a model fits its data. We measured on digits
 (growable_cnn trained 10 epochs, N=128, lambda=1): best Delta eta = 0.049, 0.033, 0.015, 0.010
 for channels (2,4,4), (4,8,8), (16,32,32), (32,64,64), while the ratio eta_c / eta - 1 grows
-with size (0.175, 0.172, 0.297, 0.301) and a lambda relative to the current trace(F) saturates eta
-near 1 for small models. So the threshold on Delta eta makes growth selective: a network that is
-already big enough does not grow (tests check both directions). Checks start after
-``warmup_steps`` so that the large gradients of the first steps do not trigger growth.
+with size (0.175, 0.172, 0.297, 0.301). So the threshold on Delta eta makes growth selective: a
+network that is already big enough does not grow (tests check both directions, for every
+criterion).
+
+When to grow (the schedule; benchmarks/README.md has the measurements): checks start after
+``warmup_steps`` and stop after ``grow_until`` (a fraction of the run's steps): capacity added
+late in a decaying learning-rate schedule is barely trained, so growth happens early and the
+final architecture trains for the rest of the run. ``max_expansions`` caps the number of
+expansions. Each expansion closes a complexity level: the model just before it is evaluated and
+checkpointed, so one run yields checkpoints at several sizes.
+
+Cost: the current model's per-sample gradients are computed once per check; each width candidate
+only differentiates its new entries (K_c = K + G_new G_new^T, exact: widening preserves the
+function, so the old entries' gradients do not change). Depth candidates are rescored in full,
+since a new layer's noise (and ``secnn_cnn``'s LeakyReLU) changes the function slightly. With ``candidate_top_k``, width
+candidates are first ranked by a free proxy (the diagonal natural score, per channel, of the
+group's existing outgoing weights, read from the current model's per-sample gradients) and only
+the ``k`` best are scored exactly; depth candidates are always scored.
+
+The applied expansion is the scored one: the chosen candidate's model (new tensors, new
+BatchNorm statistics) is kept from the check and copied into the model when it is applied, so
+whatever runs in between (evaluation, checkpointing, other random draws) cannot change it.
 
 Deviations: SENN scores new neurons with a K-FAC Fisher and chooses their initialisation to
-maximise the score; we compute the exact empirical-Fisher score of whole candidate models (Woodbury,
-O(N^3)) with random new incoming weights. The optimizer state of old parameters is carried over;
-new entries start with zero momentum.
+maximise the score; we score whole candidate models with random new incoming weights. SECNN's
+size term ``exp(-lambda_n dp^2)`` counts added parameters (``n`` here, so ``size_lambda`` is per
+squared parameter, e.g. 1e-9): it penalises large additions, which is what keeps the ratio
+criterion from growing big networks (their ratio is not smaller; measured below). The additive
+``size_penalty`` of the gain criterion uses the relative increase dp = n / current params. The
+optimizer state of old parameters is carried over; new entries start with zero momentum/moments.
 
 Example:
     >>> eg = ExpansionGrowth(threshold=0.03, check_every=50, max_params=200_000, damping=1.0)
@@ -53,8 +83,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import atomic_save, growth_payload, read_growth
 from ..device import resolve_device
-from ..expansion.ops import add_block, update_optimizer, widen_group
-from ..expansion.score import FisherGram, _check_inputs, per_sample_gradients
+from ..distributed import from_main
+from ..expansion.ops import ParamChange, add_block, update_optimizer, widen_group
+from ..expansion.score import DiagonalFisher, FisherGram, _check_inputs, per_sample_gradients
 from ..elastic import ElasticModel
 from ..graph import build_channel_graph
 from ..measure import count_macs
@@ -63,11 +94,13 @@ from ..training import TrainConfig, evaluate, make_optimizer, make_scheduler, se
 from ._base import StepInfo, Strategy, StrategyResult, example_from, num_samples, register_strategy
 
 __all__ = ["ExpansionGrowth", "ExpansionGrowthOptions", "GrowthCheckpoint", "GrowthResult", "GrowthState",
-           "load_growth_checkpoint", "CANDIDATE_KINDS"]
+           "load_growth_checkpoint", "CANDIDATE_KINDS", "CRITERIA"]
 
 logger = logging.getLogger(__name__)
 
 CANDIDATE_KINDS = ("depth", "width")
+CRITERIA = ("gain", "ratio", "secnn")
+WIDTH_SCOPES = ("group", "stage")
 
 
 @dataclass
@@ -132,8 +165,8 @@ def load_growth_checkpoint(path: Union[str, Path], *, model: Optional[nn.Module]
     return module, payload["metadata"]
 
 
-def _expanded_gram(trial: nn.Module, changes: list, current: FisherGram, x: torch.Tensor, y: torch.Tensor) -> FisherGram:
-    """The Gram matrix of an expanded model from the current one plus the new entries' gradients."""
+def _new_entry_gradients(trial: nn.Module, changes: list[ParamChange], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The N x P_new per-sample gradients of the entries an expansion added (only those tensors are differentiated)."""
     names = {id(p): n for n, p in trial.named_parameters()}
     grown = [c for c in changes if id(c.new) in names]
     masks = []
@@ -143,8 +176,12 @@ def _expanded_gram(trial: nn.Module, changes: list, current: FisherGram, x: torc
             mask.narrow(c.dim, c.index, c.count).fill_(True)
         masks.append(mask.flatten())
     g = per_sample_gradients(trial, x, y, params=[names[id(c.new)] for c in grown])
-    g_new = g[:, torch.cat(masks)].double()
-    return FisherGram(current.gram + g_new @ g_new.T, current.num_params + int(g_new.shape[1]))
+    return g[:, torch.cat(masks)]
+
+
+def _expanded_gram(trial: nn.Module, changes: list, current: FisherGram, x: torch.Tensor, y: torch.Tensor) -> FisherGram:
+    """The Gram matrix of an expanded model from the current one plus the new entries' gradients."""
+    return current.extended(_new_entry_gradients(trial, changes, x, y))
 
 
 def _num_params(model: nn.Module) -> int:
@@ -161,17 +198,28 @@ class ExpansionGrowthOptions:
     """Settings of expansion-score growth (the recipe's ``strategy:`` section); see :class:`ExpansionGrowth`."""
 
     epochs: int = option(10, ge=0)
+    criterion: str = option("gain", choices=CRITERIA)
     threshold: float = option(0.03, ge=0)
+    tau: float = option(1.0, gt=0)
+    size_penalty: float = option(0.0, ge=0)
+    size_lambda: float = option(0.0, ge=0)
     check_every: int = option(100, ge=1)
+    check_per_epoch: bool = option(False)
     warmup_steps: Optional[int] = option(None, ge=0)
+    grow_until: float = option(1.0, gt=0, le=1)
+    cooldown: int = option(0, ge=0)
+    max_expansions: Optional[int] = option(None, ge=0)
     max_params: Optional[int] = option(None, ge=1)
     max_macs: Optional[int] = option(None, ge=1)
     damping: float = option(1.0, gt=0)
-    size_penalty: float = option(0.0, ge=0)
     score_batch: int = option(64, ge=2)
     candidates: list = option(default_factory=lambda: list(CANDIDATE_KINDS), choices=CANDIDATE_KINDS,
                               check=_check_candidates)
+    candidate_top_k: Optional[int] = option(None, ge=1)
     width_fraction: float = option(0.25, gt=0, le=4)
+    width_increment: Optional[int] = option(None, ge=1)
+    width_scope: str = option("group", choices=WIDTH_SCOPES)
+    new_layer_noise: float = option(0.0, ge=0)
 
     def __post_init__(self) -> None:
         self.candidates = list(self.candidates)
@@ -194,6 +242,8 @@ class GrowthState:
     history: list[dict[str, Any]] = field(default_factory=list)
     checks: list[dict[str, Any]] = field(default_factory=list)
     candidate_ops: dict[str, Callable[[nn.Module], list]] = field(default_factory=dict)  # of the last check
+    scored: Optional[tuple[str, nn.Module]] = None  # the last check's best candidate, as scored
+    cooldown_left: int = 0
 
 
 @register_strategy("expansion_growth")
@@ -201,15 +251,30 @@ class ExpansionGrowth(Strategy):
     """Grow a small CNN during training where the natural expansion score says capacity helps.
 
     Args:
-        threshold: minimum increase of eta (after the size penalty) to expand (>= 0).
+        criterion: ``"gain"`` (exact Fisher, absolute increase), ``"ratio"`` (exact Fisher, SECNN's
+            ratio) or ``"secnn"`` (diagonal Fisher, SECNN's ratio); see the module docstring.
+        threshold: ``"gain"``: minimum increase of eta (after the size penalty) to expand (>= 0).
+        tau: ``"ratio"``/``"secnn"``: expand when ``eta_c * exp(-size_lambda * n^2) / eta > tau``
+            (``n``: parameters the candidate adds).
+        size_penalty: ``"gain"``: cost per relative parameter increase n / params subtracted from the gain.
+        size_lambda: ``"ratio"``/``"secnn"``: SECNN's lambda_n in ``exp(-lambda_n * n^2)``, per squared parameter.
         check_every: optimizer steps between growth checks.
+        check_per_epoch: check once per epoch instead (SECNN).
         warmup_steps: optimizer steps before the first check (default: ``2 * check_every``).
+        grow_until: no checks after this fraction of the run's optimizer steps.
+        cooldown: checks skipped after an expansion.
+        max_expansions: at most this many expansions.
         max_params, max_macs: budget; candidates that would exceed it are not taken.
-        damping: the absolute Fisher damping lambda, fixed for the whole run.
-        size_penalty: cost per relative parameter increase subtracted from the gain.
+        damping: ``"gain"``/``"ratio"``: the absolute Fisher damping lambda, fixed for the run;
+            ``"secnn"``: relative to the mean diagonal Fisher entry.
         score_batch: samples N of the score (the Gram matrix is N x N).
-        candidates: expansion kinds, ``"depth"`` (growable_cnn blocks) and/or ``"width"``.
+        candidates: expansion kinds, ``"depth"`` (growable_cnn/secnn_cnn blocks) and/or ``"width"``.
+        candidate_top_k: score only the k width candidates ranked best by the free proxy.
         width_fraction: channels added to a group, as a fraction of its size (at least 1).
+        width_increment: channels added to a group (overrides ``width_fraction``).
+        width_scope: ``"group"`` (one candidate per channel group) or ``"stage"`` (one per stage
+            ``stages.<i>``: every group rooted in it grows at once, SECNN).
+        new_layer_noise: standard deviation of the noise added to a new layer's identity conv.
         epochs: training epochs.
         lr, batch_size, optimizer, momentum, weight_decay, seed: training settings (or ``train=TrainConfig(...)``).
         device, quiet, checkpoint_dir, on_step_end: as for every strategy
@@ -243,12 +308,11 @@ class ExpansionGrowth(Strategy):
     def config(self) -> dict[str, Any]:
         """The settings that determine a run, as plain data (stored in the resume state)."""
         o, t = self.options, self.train
-        return {"threshold": float(o.threshold), "check_every": o.check_every, "warmup_steps": self.warmup_steps,
-                "max_params": o.max_params, "max_macs": o.max_macs, "damping": float(o.damping),
-                "size_penalty": float(o.size_penalty), "score_batch": o.score_batch, "candidates": list(o.candidates),
-                "width_fraction": float(o.width_fraction), "seed": t.seed, "epochs": o.epochs, "lr": t.lr,
-                "batch_size": t.batch_size, "optimizer": t.optimizer, "momentum": t.momentum,
-                "weight_decay": t.weight_decay}
+        out = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(o).items()}
+        out["warmup_steps"] = self.warmup_steps
+        out.update({"seed": t.seed, "lr": t.lr, "batch_size": t.batch_size, "optimizer": t.optimizer,
+                    "momentum": t.momentum, "weight_decay": t.weight_decay})
+        return out
 
     # ------------------------------------------------------------------ scoring
     def _score_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,61 +324,171 @@ class ExpansionGrowth(Strategy):
         x, y = next(iter(loader))
         return x.to(st.device), y.to(st.device)
 
+    def _width_count(self, size: int) -> int:
+        o = self.options
+        return o.width_increment if o.width_increment is not None else max(1, math.ceil(o.width_fraction * size))
+
     def _candidates(self, model: nn.Module, example: torch.Tensor,
                     calibration: Optional[torch.Tensor] = None) -> list[tuple[str, Callable[[nn.Module], list]]]:
         """Every function-preserving expansion of ``model``: ``(name, apply)`` pairs."""
-        out: list[tuple[str, Callable[[nn.Module], list]]] = []
-        if "depth" in self.options.candidates and hasattr(model, "add_block"):
+        return [(name, apply) for name, apply, _ in self._candidate_list(model, example, calibration)]
+
+    def _candidate_list(self, model: nn.Module, example: torch.Tensor, calibration: Optional[torch.Tensor] = None
+                        ) -> list[tuple[str, Callable[[nn.Module], list], dict[str, int]]]:
+        """``(name, apply, {width group: channels added})`` for every candidate expansion."""
+        o = self.options
+        out: list[tuple[str, Callable[[nn.Module], list], dict[str, int]]] = []
+        if "depth" in o.candidates and hasattr(model, "add_block"):
             for s in range(len(model.stages)):
-                out.append((f"depth:stage{s}", lambda m, s=s: add_block(m, s, calibration=calibration)))
-        if "width" in self.options.candidates:
-            graph = build_channel_graph(model, example)
-            for g in graph.groups:
-                k = max(1, math.ceil(self.options.width_fraction * g.size))
+                out.append((f"depth:stage{s}", lambda m, s=s: add_block(m, s, calibration=calibration, noise=o.new_layer_noise), {}))
+        if "width" in o.candidates:
+            groups = build_channel_graph(model, example).groups
+            if o.width_scope == "stage":
+                units: dict[str, list] = {}
+                for g in groups:  # a group belongs to the stage of its producers (a skip's 1x1 conv may be its root)
+                    stages = sorted({m.module.split(".")[1] for m in g.members if m.dim == "out"
+                                     and m.module.startswith("stages.") and m.module.split(".")[1].isdigit()}, key=int)
+                    if stages:
+                        units.setdefault(f"stage{stages[-1]}", []).append(g)
+                sets = [(name, {g.name: self._width_count(g.size) for g in units[name]})
+                        for name in sorted(units, key=lambda u: int(u[len("stage"):]))]
+            else:
+                sets = [(f"{g.name}+{self._width_count(g.size)}", {g.name: self._width_count(g.size)}) for g in groups]
+            for label, counts in sets:
+                def grow(m: nn.Module, counts: dict[str, int] = counts) -> list:
+                    changes: list = []
+                    for name, k in counts.items():
+                        changes += widen_group(m, build_channel_graph(m, example).group(name), k)
+                    return changes
 
-                def grow(m: nn.Module, name: str = g.name, k: int = k) -> list:
-                    return widen_group(m, build_channel_graph(m, example).group(name), k)
+                out.append((f"width:{label}", grow, counts))
+        return out
 
-                out.append((f"width:{g.name}+{k}", grow))
+    @staticmethod
+    def _proxy(model: nn.Module, example: torch.Tensor, fisher: DiagonalFisher, names: list[str], lam: float,
+               groups: list[str]) -> dict[str, float]:
+        """Per channel group: the mean diagonal natural score of one existing channel's outgoing weights.
+
+        New channels get zero outgoing weights whose gradient is (backprop signal) x (new
+        activation), the same form as the existing outgoing weights' gradient, so groups whose
+        outgoing weights carry much natural-gradient signal per channel are the promising ones.
+        Free: read from the per-sample gradients the current score needs anyway.
+        """
+        terms = fisher.terms(lam)
+        params = dict(model.named_parameters())
+        offsets, pos = {}, 0
+        for n in names:
+            offsets[n] = (pos, params[n].shape)
+            pos += params[n].numel()
+        graph = build_channel_graph(model, example)
+        out = {}
+        for gname in groups:
+            group = graph.group(gname)
+            total = 0.0
+            for member in group.members:
+                key = f"{member.module}.weight" if member.module else "weight"
+                if member.dim != "in" or key not in offsets:
+                    continue
+                start, shape = offsets[key]
+                t = terms[start:start + math.prod(shape)].reshape(shape)
+                cols = sorted({c for p in member.positions for c in p})
+                total += float(t[:, cols].sum())
+            out[gname] = total / max(1, group.size)
         return out
 
     def check(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
               example: Optional[torch.Tensor] = None) -> dict[str, Any]:
-        """Score the current model and every candidate on one batch; return the decision record.
+        """Score the current model and the candidates on one batch; return the decision record.
 
         Works on any model, inside a run or not (``example``: the tracing input, default ``x[:1]``).
         Every expansion preserves the function, so the per-sample gradients of the old parameters
-        are the same in the expanded model: its Gram matrix is the current one plus the Gram of the
-        new entries only, K_c = K + G_new G_new^T. Only the grown tensors are differentiated.
+        are the same in the expanded model: its Fisher is the current one extended by the new
+        entries' gradients (K_c = K + G_new G_new^T, or the diagonal appended). Only the grown
+        tensors are differentiated. The best candidate's model is kept so that :meth:`expand`
+        applies exactly what was scored.
         """
         o = self.options
         _check_inputs(x, y, o.damping, "absolute")
         example = example if example is not None else x[:1]
-        lam = o.damping
-        current = FisherGram.of(model, x, y)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        g = per_sample_gradients(model, x, y, params=names)
+        current = DiagonalFisher.from_gradients(g) if o.criterion == "secnn" else FisherGram.from_gradients(g)
+        lam = current.damping(o.damping, "relative") if o.criterion == "secnn" else o.damping
         eta = current.score(lam)
-        params, best = _num_params(model), None
-        scores = {}
-        # new blocks take their BatchNorm statistics from the score batch; the chosen one is applied as scored
-        ops = dict(self._candidates(model, example, calibration=x))
-        self.state_.candidate_ops = ops
-        for name, apply in ops.items():
+        params, best, best_trial = _num_params(model), None, None
+        scores: dict[str, dict[str, Any]] = {}
+        listed = self._candidate_list(model, example, calibration=x)
+        self.state_.candidate_ops = {name: apply for name, apply, _ in listed}
+        ranked = None
+        if o.candidate_top_k is not None:
+            width = [(name, groups) for name, _, groups in listed if groups]
+            if len(width) > o.candidate_top_k:
+                diag = current if isinstance(current, DiagonalFisher) else DiagonalFisher.from_gradients(g)
+                dlam = diag.damping(o.damping if o.criterion == "secnn" else 0.1, "relative")
+                proxy = self._proxy(model, example, diag, names, dlam, sorted({n for _, gs in width for n in gs}))
+                order = sorted(width, key=lambda w: -sum(proxy[n] * k for n, k in w[1].items()))
+                ranked = {name for name, _ in order[:o.candidate_top_k]}
+        del g
+        for index, (name, apply, groups) in enumerate(listed):
+            if ranked is not None and groups and name not in ranked:
+                continue
             trial = copy.deepcopy(model)
-            rng = torch.get_rng_state()
-            changes = apply(trial)
-            torch.set_rng_state(rng)
+            with torch.random.fork_rng(devices=[]):  # scoring draws no global random numbers
+                torch.manual_seed(self.seed + 1009 * self.state_.num_checks + index)
+                changes = apply(trial)
             added = _num_params(trial) - params
             if o.max_params is not None and params + added > o.max_params:
                 continue
             if o.max_macs is not None and count_macs(trial, example) > o.max_macs:
                 continue
-            eta_c = _expanded_gram(trial, changes, current, x, y).score(lam)
-            gain = eta_c - eta - o.size_penalty * added / params
-            scores[name] = {"eta": eta_c, "gain": gain, "ratio": eta_c / max(eta, 1e-12), "added_params": added}
-            if best is None or gain > scores[best]["gain"]:
-                best = name
-        take = best is not None and scores[best]["gain"] > o.threshold
-        return {"eta": eta, "lambda": lam, "candidates": scores, "best": best, "expand": take}
+            if groups:  # width: exactly function-preserving, so only the new entries' gradients are new
+                eta_c = current.extended(_new_entry_gradients(trial, changes, x, y)).score(lam)
+            else:  # depth: a new layer's noise (and secnn_cnn's LeakyReLU) changes the old gradients a little
+                eta_c = type(current).from_gradients(per_sample_gradients(trial, x, y)).score(lam)
+            dp = added / params
+            gain = eta_c - eta - o.size_penalty * dp
+            ratio = eta_c * math.exp(-o.size_lambda * float(added) ** 2) / max(eta, 1e-300)
+            scores[name] = {"eta": eta_c, "gain": gain, "ratio": ratio, "added_params": added}
+            value = "gain" if o.criterion == "gain" else "ratio"
+            if best is None or scores[name][value] > scores[best][value]:
+                best, best_trial = name, trial
+        if best is None:
+            take = False
+        elif o.criterion == "gain":
+            take = scores[best]["gain"] > o.threshold
+        else:
+            take = scores[best]["ratio"] > o.tau
+        self.state_.scored = (best, best_trial) if best is not None else None
+        return {"eta": eta, "lambda": lam, "criterion": o.criterion, "candidates": scores, "best": best, "expand": take}
+
+    def expand(self, model: nn.Module, name: Optional[str] = None,
+               optimizer: Optional[torch.optim.Optimizer] = None) -> list[ParamChange]:
+        """Apply the last :meth:`check`'s best candidate to ``model`` in place, exactly as it was scored.
+
+        The expansion is applied (new parameter objects, in the optimizer when given) and then the
+        scored candidate's tensors and buffers are copied in, so random draws, evaluation or
+        checkpointing between the check and this call change nothing. ``name``: another
+        candidate of that check (applied with fresh random new weights; only the best is kept).
+        """
+        scored = self.state_.scored
+        if name is None:
+            if scored is None:
+                raise ValueError("expand: no scored candidate; call check(...) first")
+            name = scored[0]
+        ops = self.state_.candidate_ops
+        if name not in ops:
+            raise ValueError(f"expand: {name!r} is not a candidate of the last check; candidates: {sorted(ops)}")
+        was_training = model.training
+        with torch.random.fork_rng(devices=[]):
+            changes = ops[name](model)
+        model.train(was_training)
+        if scored is not None and scored[0] == name:
+            trial_state = scored[1].state_dict()
+            if trial_state.keys() == model.state_dict().keys():
+                model.load_state_dict(trial_state)
+        if optimizer is not None:
+            update_optimizer(optimizer, changes)
+        return changes
 
     # ------------------------------------------------------------------ fit
     def fit(self, model: nn.Module, train_data: Dataset | DataLoader, val_data: Dataset | DataLoader, *,
@@ -346,8 +520,7 @@ class ExpansionGrowth(Strategy):
         total_steps = cfg.epochs * steps_per_epoch
 
         def after_step(optimizer: torch.optim.Optimizer, step: int) -> None:
-            due = step >= self.warmup_steps and step % self.options.check_every == 0 and step < total_steps
-            if due and not self._budget_reached():
+            if self._check_due(step, total_steps):
                 self._grow(optimizer, step)
 
         def on_epoch_end(epoch: int, record: dict) -> None:
@@ -380,28 +553,44 @@ class ExpansionGrowth(Strategy):
     def _budget_reached(self) -> bool:
         return self.options.max_params is not None and _num_params(self.state_.model) >= self.options.max_params
 
+    def _check_due(self, step: int, total_steps: int) -> bool:
+        o, st = self.options, self.state_
+        every = st.steps_per_epoch if o.check_per_epoch else o.check_every
+        if step < self.warmup_steps or step % every or step >= total_steps or step > o.grow_until * total_steps:
+            return False
+        if o.max_expansions is not None and len(st.expansions) >= o.max_expansions:
+            return False
+        if self._budget_reached():
+            return False
+        if st.cooldown_left > 0:
+            st.cooldown_left -= 1
+            return False
+        return True
+
     def _grow(self, optimizer: torch.optim.Optimizer, step: int) -> None:
         st = self.state_
         model = st.model
         x, y = self._score_batch()
         st.num_checks += 1
-        decision = self.check(model, x, y, example=st.example)
+        # several processes: rank 0's decision everywhere (the grown weights follow with the next DDP wrap)
+        decision = from_main(self.check(model, x, y, example=st.example))
         best = decision["best"]
-        st.checks.append({"step": step, "eta": decision["eta"], "best": best,
-                          "gain": decision["candidates"][best]["gain"] if best else None, "expanded": decision["expand"]})
+        chosen = decision["candidates"][best] if best else {}
+        st.checks.append({"step": step, "eta": decision["eta"], "best": best, "gain": chosen.get("gain"),
+                          "ratio": chosen.get("ratio"), "expanded": decision["expand"]})
         logger.info("growth check at step %d: eta=%.4f best=%s", step, decision["eta"], decision["best"])
         if not decision["expand"]:
             return
         graph_before = {g.name: g.size for g in build_channel_graph(model, st.example).groups}
         self._checkpoint(step, step // max(1, st.steps_per_epoch), best)
-        was_training = model.training
-        changes = st.candidate_ops[best](model)
-        model.train(was_training)
-        update_optimizer(optimizer, changes)
+        self.expand(model, best, optimizer)
+        st.scored = None
+        st.cooldown_left = self.options.cooldown
         graph_after = {g.name: g.size for g in build_channel_graph(model, st.example).groups}
         st.expansions.append({"step": step, "name": best, "kind": best.split(":")[0], "eta": decision["eta"],
-                              "gain": decision["candidates"][best]["gain"], "params": _num_params(model),
-                              "channels_before": graph_before, "channels_after": graph_after})
+                              "eta_candidate": chosen["eta"], "gain": chosen["gain"], "ratio": chosen["ratio"],
+                              "params": _num_params(model), "channels_before": graph_before,
+                              "channels_after": graph_after})
 
     def _checkpoint(self, step: int, epoch: int, expansion: Optional[str]) -> None:
         st = self.state_
@@ -428,6 +617,7 @@ class ExpansionGrowth(Strategy):
             st.model, {}, state=True, epoch=epoch, optimizer=opt.state_dict(), param_order=order,
             scheduler=sched.state_dict(), checkpoints=[asdict(c) for c in st.checkpoints],
             expansions=st.expansions, history=st.history, checks=st.num_checks, config=self.config(),
+            cooldown_left=st.cooldown_left,
         ), self.checkpoint_dir / "state.pt")
 
     def _load_state(self, model: nn.Module, device: torch.device) -> tuple[nn.Module, Optional[dict]]:
@@ -444,6 +634,7 @@ class ExpansionGrowth(Strategy):
         st = self.state_
         st.checkpoints = [GrowthCheckpoint(**c) for c in saved["checkpoints"]]
         st.expansions, st.history, st.num_checks = list(saved["expansions"]), list(saved["history"]), saved["checks"]
+        st.cooldown_left = int(saved.get("cooldown_left", 0))
         return model, saved
 
     def _restore_optimizer(self, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, state: dict) -> None:
