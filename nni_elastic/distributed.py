@@ -80,6 +80,8 @@ def setup_from_env(device: str = "auto") -> bool:
     if cuda:
         torch.cuda.set_device(local_rank())
     torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    if rank() != 0:  # one log of the run: rank 0's (warnings and errors from every rank)
+        logging.getLogger("nni_elastic").setLevel(max(logging.WARNING, logging.getLogger("nni_elastic").getEffectiveLevel()))
     logger.info("process %d of %d (%s)", rank(), world_size(), "nccl" if cuda else "gloo")
     return True
 

@@ -132,3 +132,19 @@ def test_two_process_run_resumes_after_a_kill(tmp_path):
     assert "pretrain epoch" not in resumed.stderr  # the finished steps were not run again
     assert "grow level 3 epoch" in resumed.stderr
     assert len(level_accuracy(out)) == 4
+
+
+@pytest.mark.slow
+def test_an_nni_trial_can_be_a_torchrun_job(tmp_path):
+    out = tmp_path / "trial"
+    env = dict(os.environ, NNI_ELASTIC_CHECK_SYNC="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nni_elastic.nni.trial",
+           "--recipe", str(PNG_RECIPE), "--set", "strategy.pretrain_epochs=1", "--set", "strategy.finetune_epochs=1",
+           "--set", "strategy.grow_epochs=1", "--out", str(out), "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("final metric:") == 1  # rank 0 reports; rank 1 only trains
+    import json
+
+    metric = json.loads((out / "metrics.json").read_text())["metric"]
+    assert metric["levels"] == 4 and metric["acc_level0"] > 0.5

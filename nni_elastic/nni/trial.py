@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -109,8 +110,27 @@ def run_trial(recipe: str, *, params: Optional[Mapping[str, Any]] = None, overri
     """
     import nni
 
+    from .. import distributed as dist
+
     level = parse_level(level)
-    received = nni.get_next_parameter()  # called in every case: NNI needs it before any report
+    # a trial may itself be a torchrun job (trialCommand: torchrun --nproc_per_node N -m nni_elastic.nni.trial ...):
+    # rank 0 takes the parameters and reports; every rank trains
+    main = int(os.environ.get("RANK", "0")) == 0
+    received = nni.get_next_parameter() if main else None  # called in every case: NNI needs it before any report
+    started = dist.setup_from_env(load_recipe(recipe, dict(overrides or {})).device)
+    try:
+        received = dist.from_main(received)
+        return _run(recipe, received, params, overrides, level, output, quiet, exports, main)
+    finally:
+        if started:
+            dist.barrier()
+            dist.teardown()
+
+
+def _run(recipe: str, received: Any, params: Optional[Mapping[str, Any]], overrides: Optional[Mapping[str, Any]],
+         level: Union[str, int], output: Optional[str], quiet: bool, exports: bool, main: bool) -> dict[str, float]:
+    import nni
+
     params = dict(received or {}) if params is None else dict(params)
     merged = _merge(params, overrides or {})
     loaded = load_recipe(recipe, merged)
@@ -122,13 +142,16 @@ def run_trial(recipe: str, *, params: Optional[Mapping[str, Any]] = None, overri
     logger.info("trial %s: recipe %s, parameters %s, output %s", nni.get_trial_id(), recipe, params, out)
 
     def on_step_end(info: Any) -> None:
-        if info.val_accuracy is not None:
+        if info.val_accuracy is not None and main:
             nni.report_intermediate_result(float(info.val_accuracy))
 
     from ..runner import run_recipe  # the training stack loads only when a trial runs
 
-    result = run_recipe(loaded, output=out, quiet=quiet or under_nni(), exports=exports, on_step_end=on_step_end)
+    result = run_recipe(loaded, output=out, quiet=quiet or under_nni() or not main, exports=exports,
+                        on_step_end=on_step_end)
     metric = final_metric(result.rows, level, result.compute)
+    if not main:
+        return metric
     return report_final(metric, {"recipe": recipe, "parameters": params, "overrides": merged, "level": level,
                                  "trial": nni.get_trial_id(), "experiment": nni.get_experiment_id()}, out)
 
