@@ -34,6 +34,7 @@ from .graph import (
     ChannelGroup,
     UnsupportedModuleError,
     _warn_kept,
+    accumulate_gradients,
     apply_permutations,
     ImportanceFn,
     build_channel_graph,
@@ -128,8 +129,8 @@ class ElasticModel(nn.Module):
         widths: uniform width multipliers in (0, 1], strictly increasing; one level each.
         levels: instead of ``widths``, one ``{group: fraction or channel count}`` dict per level
             (groups not named stay at full width); must be nested.
-        importance: channel ranking: ``"l1"``, ``"l2"``, ``"bn"``, ``"taylor"``, ``"fpgm"``,
-            ``"lamp"``, ``"random"`` or a callable on a torch-pruning group.
+        importance: channel ranking: ``"l1"``, ``"l2"``, ``"bn"``, ``"taylor"``, ``"hessian"``,
+            ``"fpgm"``, ``"lamp"``, ``"random"`` or a callable on a torch-pruning group.
         ignored_layers: module paths (or modules) whose output channels never shrink; the
             classifier (any group feeding the model output) is never shrunk anyway.
         reorder: rank and reorder channels (``False`` when the weights are already ordered, e.g.
@@ -142,7 +143,7 @@ class ElasticModel(nn.Module):
             :class:`UnsupportedModuleError` naming it; ``"keep"`` keeps such groups at full width
             and warns which and why, so every model torch-pruning traces gets levels.
         verify: check on construction that every level equals its export (see :meth:`verify`).
-        data: batches ``(x, y)`` for gradient-based importance (``"taylor"``).
+        data: batches ``(x, y)`` for gradient-based importance (``"taylor"``, ``"hessian"``).
         loss_fn: loss for gradient-based importance (cross-entropy by default).
 
     Example:
@@ -267,7 +268,7 @@ class ElasticModel(nn.Module):
         if needs_grad:
             if data is None:
                 raise ValueError(f"importance {importance!r} needs gradients: pass data=<batches of (x, y)>")
-            self._accumulate_grads(data, loss_fn)
+            self._accumulate_grads(data, loss_fn, importance=importance)
         failures: dict[str, str] = {}
         self._retrace_groups()
         try:
@@ -332,21 +333,10 @@ class ElasticModel(nn.Module):
                 apply_permutations(self.model, self.graph, {name: inverse[name]})
         return bad
 
-    def _accumulate_grads(self, data: Iterable, loss_fn: Callable, max_batches: int = 8) -> None:
-        device = self._device()
-        self.model.zero_grad(set_to_none=True)
-        # ranking must not change the function: train-mode forwards would move BN running statistics
-        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-        try:
-            with torch.enable_grad():
-                for i, (x, y) in enumerate(data):
-                    if i >= max_batches:
-                        break
-                    loss_fn(self.model(x.to(device)), y.to(device)).backward()
-        finally:
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
+    def _accumulate_grads(self, data: Iterable, loss_fn: Callable, max_batches: int = 8,
+                          importance: str = "taylor") -> None:
+        """Fill ``.grad`` as gradient importance ``importance`` reads it (:func:`~nni_elastic.graph.accumulate_gradients`)."""
+        accumulate_gradients(self.model, data, loss_fn, importance, max_batches=max_batches)
 
     def _convert(self) -> None:
         modules = {name for name, _ in self.graph.dims}
@@ -603,6 +593,174 @@ class ElasticModel(nn.Module):
                 self._copy_bn_row(self._containing_level(channels), slot)
         self._state.index = slot
         self._state.bn_row = slot if self.bn_mode == "per_level" else 0
+
+    # ------------------------------------------------------------------ adding levels
+    def add_level(
+        self,
+        spec: Union[float, Mapping[str, Any], Any],
+        *,
+        data: Optional[Iterable] = None,
+        batches: Optional[int] = None,
+        index: Optional[int] = None,
+    ) -> Level:
+        """Insert one more nested level on the trained weights, with BatchNorm statistics of its own.
+
+        No training: the level keeps a prefix of every group as the others do, its statistics
+        row is calibrated on ``data`` (:meth:`calibrate_bn`), its MACs and params are counted, and
+        it is checked against its export. Every other level computes bit-identical outputs before
+        and after. So one trained model ships as many operating points as wanted, e.g. the
+        results of a subnet search. The level is saved with the model (:meth:`save`).
+
+        Args:
+            spec: a uniform width in (0, 1]; a ``{group: fraction or channel count}`` dict (groups
+                not named stay full); or a subnet search result: a dict with ``"channels"`` (exact
+                counts per group, as the rows of :func:`~nni_elastic.subnet.evaluate_subnet` and of
+                the Optuna and NNI subnet searches hold) or only ``"widths"`` (per-stage widths,
+                :func:`~nni_elastic.stages.stage_level`), or an object with a ``channels`` dict
+                (an NNI ``ElasticSubnet``).
+            data: batches ``(x, y)`` or ``x`` for the BatchNorm statistics of the new level;
+                without, they start as a copy of the next larger level's (approximate, as for an
+                ad-hoc level). Refused with ``bn="shared"`` (one set of statistics for all levels).
+            batches: calibrate on at most this many batches of ``data`` (default: all of them).
+            index: the position the level must take (checked); by default, where it nests.
+
+        Returns:
+            The new :class:`Level`; levels stay sorted smallest first, so the indices of the
+            larger levels grow by one.
+
+        Raises:
+            ValueError: the level is not nested between its neighbours (naming the group), it
+                equals an existing level, or ``index`` is not where it nests.
+
+        Example:
+            >>> em.add_level(0.375, data=calib_batches)                     # between 0.25 and 0.5
+            >>> for row in search_result.pareto: em.add_level(row, data=calib_batches)
+        """
+        if data is not None and self.bn_mode != "per_level":
+            raise ValueError("add_level(data=...) calibrates the new level's own BatchNorm statistics, but this model "
+                             "has bn='shared' (one set for all levels): add it without data and call calibrate_bn "
+                             "after switching levels")
+        width, channels = self._spec_channels(spec)
+        pos = self._nest_position(channels)
+        if index is not None and index != pos:
+            raise ValueError(f"index={index!r}: the new level nests at position {pos} (levels stay sorted smallest "
+                             f"first); leave index out")
+        level = Level(pos, width, channels)
+        self._insert_slot(pos, channels)
+        self.levels_.insert(pos, level)
+        for i, lv in enumerate(self.levels_):
+            lv.index = i
+        try:
+            if data is not None:
+                self.calibrate_bn(data, level=pos, num_batches=batches)
+            error = self._compare_with_export(pos, level)
+            if error is not None:
+                raise ValueError(f"the new level {saved_channels(channels)} differs from its export ({error}); some "
+                                 "group cannot be sliced to these widths")
+        except BaseException:
+            self._remove_slot(pos)
+            raise
+        self._reprepare(pos)
+        logger.info("added level %d: %s (%s MACs, %s params)", pos, channels, level.macs, level.params)
+        return level
+
+    def _spec_channels(self, spec: Any) -> tuple[Optional[float], dict[str, int]]:
+        """(width, channels) of an ``add_level`` spec."""
+        if isinstance(spec, float) or (isinstance(spec, int) and not isinstance(spec, bool) and spec == 1):
+            return float(spec), self.channels_of(float(spec))
+        if not isinstance(spec, Mapping) and isinstance(getattr(spec, "channels", None), Mapping):
+            spec = {"channels": spec.channels}
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"add_level: {spec!r} is not a level; give a width in (0, 1], a {{group: width}} dict or "
+                             "a subnet search result (a dict with 'channels' or 'widths')")
+        if isinstance(spec.get("channels"), Mapping):
+            # exact counts: a count of 1 must not read as width 1.0
+            return None, self._channels_from_dict(saved_channels(spec["channels"]), "add_level: channels")
+        if isinstance(spec.get("widths"), Mapping):
+            from .stages import stage_level
+
+            return None, self._channels_from_dict(stage_level(self, spec["widths"]), "add_level: widths")
+        return None, self._channels_from_dict(spec, "add_level")
+
+    def _nest_position(self, channels: Mapping[str, int]) -> int:
+        """Where a level of ``channels`` goes so that every level keeps >= the smaller's and <= the larger's channels."""
+        for lv in self.levels_:
+            if lv.channels == channels:
+                raise ValueError(f"add_level: level {lv.index} already keeps exactly these channels")
+        # the levels inside the new one form a prefix of the (nested) levels
+        pos = sum(all(lv.channels[g] <= k for g, k in channels.items()) for lv in self.levels_)
+        if pos < len(self.levels_):
+            larger = self.levels_[pos]
+            more = [g for g, k in channels.items() if k > larger.channels[g]]
+            if more:
+                fewer = [g for g, k in channels.items() if k < larger.channels[g]]
+                g, h = more[0], fewer[0]
+                raise ValueError(
+                    f"add_level: the new level is not nested with level {pos}: it keeps more channels of group {g!r} "
+                    f"({channels[g]} > {larger.channels[g]}) but fewer of group {h!r} ({channels[h]} < "
+                    f"{larger.channels[h]}); a level must keep >= the smaller level's and <= the larger level's "
+                    f"channels in every group"
+                )
+        return pos
+
+    def _insert_slot(self, pos: int, channels: Mapping[str, int]) -> None:
+        """Make room for a level at ``pos``: its slice specs, a statistics row (a copy of the next larger
+        level's), and every per-slot table (prepared forms, the active slot) shifted by one."""
+        n = len(self.levels_)
+        specs = self._specs(channels)
+        for name in self._sliced_names:
+            module = self.model.get_submodule(name)
+            module._ne_specs.insert(pos, specs[name])
+            fast = module.__dict__.get("_ne_fast")
+            if fast:
+                module._ne_fast = {s + (s >= pos): f for s, f in fast.items()}
+            if self.bn_mode == "per_level" and _slicing.has_level_rows(module):
+                src = min(pos, n - 1)
+                for buf in ("level_running_mean", "level_running_var", "level_num_batches_tracked"):
+                    t = module._buffers[buf]
+                    module._buffers[buf] = torch.cat([t[:pos], t[src:src + 1].clone(), t[pos:]])
+        self._shift_slots(pos, +1)
+
+    def _remove_slot(self, pos: int) -> None:
+        """Undo :meth:`_insert_slot` and the insertion of level ``pos``."""
+        for name in self._sliced_names:
+            module = self.model.get_submodule(name)
+            del module._ne_specs[pos]
+            fast = module.__dict__.get("_ne_fast")
+            if fast:
+                module._ne_fast = {s - (s > pos): f for s, f in fast.items() if s != pos}
+            if self.bn_mode == "per_level" and _slicing.has_level_rows(module):
+                for buf in ("level_running_mean", "level_running_var", "level_num_batches_tracked"):
+                    t = module._buffers[buf]
+                    module._buffers[buf] = torch.cat([t[:pos], t[pos + 1:]])
+        del self.levels_[pos]
+        for i, lv in enumerate(self.levels_):
+            lv.index = i
+        self._shift_slots(pos, -1)
+
+    def _shift_slots(self, pos: int, by: int) -> None:
+        state = self._state
+        if state.index >= pos + (by < 0):
+            state.index += by
+        if self.bn_mode == "per_level":
+            state.bn_row = state.index
+        info = self.__dict__.get("_inference")
+        if info is not None:
+            info["formats"] = {s + by * (s >= pos + (by < 0)): f for s, f in info["formats"].items()
+                               if by > 0 or s != pos}
+
+    def _reprepare(self, pos: int) -> None:
+        """Rebuild the prepared inference forms after the statistics rows were replaced (the old forms read
+        the old tensors), in the memory formats chosen before; the new level ``pos`` too if every other was."""
+        info = self.__dict__.get("_inference")
+        if info is None:
+            return
+        for name in self._sliced_names:
+            self.model.get_submodule(name).__dict__.pop("_ne_fast", None)
+        for slot, choice in sorted(info["formats"].items()):
+            self._prepare_slot(slot, choice)
+        if all(lv.index in info["formats"] for lv in self.levels_ if lv.index != pos):
+            self._ensure_prepared(pos)
 
     def _containing_level(self, channels: Mapping[str, int]) -> int:
         for level in self.levels_:

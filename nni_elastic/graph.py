@@ -39,6 +39,7 @@ __all__ = [
     "build_channel_graph",
     "create_importance",
     "rank_channels",
+    "accumulate_gradients",
     "reorder_channels",
     "apply_permutations",
     "trace",
@@ -587,10 +588,76 @@ IMPORTANCES.register("bn")(lambda: tp.importance.BNScaleImportance())
 IMPORTANCES.register("fpgm")(lambda: tp.importance.FPGMImportance())
 IMPORTANCES.register("lamp")(lambda: tp.importance.LAMPImportance())
 IMPORTANCES.register("taylor")(lambda: tp.importance.GroupTaylorImportance())
+# Optimal Brain Damage (LeCun et al. 1989) as torch-pruning scores it: w^2 times the diagonal of the
+# Fisher approximation of the Hessian, which it reads from ``.grad`` (see ``GRADIENT_IMPORTANCES``)
+IMPORTANCES.register("hessian")(lambda: tp.importance.GroupHessianImportance())
 IMPORTANCES.register("random")(lambda: tp.importance.RandomImportance())
 
-#: criteria that read ``.grad`` and need a backward pass on data first
-GRADIENT_IMPORTANCES = {"taylor"}
+#: criteria that read ``.grad`` and need backward passes on data first, with what ``.grad`` must
+#: hold: ``"batch"`` the summed gradients of the batch losses (Taylor), ``"sample"`` the mean of the
+#: squared per-sample gradients (the Fisher diagonal torch-pruning's Hessian importance expects; its
+#: own ``accumulate_grad`` keeps only the last sample in torch-pruning 1.6)
+GRADIENT_IMPORTANCES = {"taylor": "batch", "hessian": "sample"}
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    data: Iterable,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    importance: str = "taylor",
+    max_batches: int = 8,
+    max_samples: int = 64,
+) -> None:
+    """Fill the ``.grad`` of ``model``'s parameters as the gradient importance ``importance`` reads it.
+
+    ``"taylor"``: the summed gradients of up to ``max_batches`` batch losses. ``"hessian"``: the
+    mean of the squared gradients of up to ``max_samples`` per-sample losses (the empirical Fisher
+    diagonal; torch-pruning's documented usage: one forward per batch, one backward per sample).
+    The model's buffers (BatchNorm running statistics) are put back afterwards, so ranking does
+    not change the function.
+
+    Args:
+        model: the network (its current train/eval mode is used).
+        data: batches ``(x, y)``.
+        loss_fn: ``loss_fn(output, target)``, a mean over the batch.
+        importance: a key of :data:`GRADIENT_IMPORTANCES`.
+    """
+    if importance not in GRADIENT_IMPORTANCES:
+        raise ValueError(f"importance {importance!r} reads no gradients; gradient importances: {sorted(GRADIENT_IMPORTANCES)}")
+    per_sample = GRADIENT_IMPORTANCES[importance] == "sample"
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    squares: dict[nn.Parameter, torch.Tensor] = {}
+    seen = 0
+    model.zero_grad(set_to_none=True)
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            for i, (x, y) in enumerate(data):
+                if i >= max_batches or (per_sample and seen >= max_samples):
+                    break
+                x, y = x.to(device), y.to(device)
+                if not per_sample:
+                    loss_fn(model(x), y).backward()
+                    continue
+                n = min(len(x), max_samples - seen)
+                out = model(x[:n])
+                for j in range(n):
+                    model.zero_grad(set_to_none=True)
+                    loss_fn(out[j:j + 1], y[j:j + 1]).backward(retain_graph=j < n - 1)
+                    for p in params:
+                        if p.grad is not None:
+                            sq = p.grad.detach().pow(2)
+                            squares[p] = squares[p] + sq if p in squares else sq
+                seen += n
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    if per_sample:
+        model.zero_grad(set_to_none=True)
+        for p, sq in squares.items():
+            p.grad = sq / max(seen, 1)
 
 
 def create_importance(importance: Union[str, ImportanceFn]) -> ImportanceFn:
@@ -611,7 +678,8 @@ def rank_channels(
 ) -> dict[str, torch.Tensor]:
     """Score every channel of every elastic group; returns ``{group: scores}`` (length ``size``).
 
-    Gradient-based criteria (``"taylor"``) read ``.grad``: run a backward pass first. A built-in
+    Gradient-based criteria (``"taylor"``, ``"hessian"``) read ``.grad``: fill it first as
+    :data:`GRADIENT_IMPORTANCES` says (:func:`accumulate_gradients`). A built-in
     criterion that fails on a group (torch-pruning's index mapping out of range) raises
     :class:`UnsupportedModuleError` naming it, or, with a ``failures`` dict, is recorded there and
     the group gets no score.
