@@ -17,7 +17,9 @@ networks are nested in the large one. Here every step works on one :class:`Elast
    step, since gradient masking alone lets weight decay and momentum move frozen weights).
    ``grow_mode="joint"`` trains the new level with the smaller ones by the sandwich rule with
    in-place distillation (Yu & Huang 2019); levels stay nested (prefixes) and share weights.
-5. ``calibrate``: recompute each level's BatchNorm statistics (one set per level) and evaluate.
+5. ``calibrate``: recompute each level's BatchNorm statistics (one set per level) and evaluate; in
+   ``freeze`` mode only those of levels that never trained on their own, so every built level
+   stays bit-identical (see ``PruneAndGrow._stale_levels``).
 
 Deviations from the thesis, with reasons: levels live in one model and switch at runtime instead
 of being separate model objects; prune ratios are given as the target level widths (plus optional
@@ -99,7 +101,8 @@ class PruneAndGrow(Strategy):
         batch_size, optimizer, momentum, weight_decay: training settings.
         bn: ``"per_level"`` or ``"shared"`` BatchNorm statistics.
         ignored_layers: module paths whose output channels never shrink.
-        calibrate_batches: batches for the final BatchNorm recalibration of each level (0: none).
+        calibrate_batches: batches for the final BatchNorm recalibration of each level (0: none); with
+            ``grow_mode="freeze"`` only levels that never trained on their own are recalibrated.
         seed, device, quiet: reproducibility, ``auto|cpu|cuda``, progress display.
         checkpoint_dir: where a checkpoint is written after every step (needed for ``resume``).
         on_step_end: called with a :class:`StepInfo` after each step (e.g. to report to NNI).
@@ -339,14 +342,40 @@ class PruneAndGrow(Strategy):
         return {"level": level, "val_accuracy": hist.last.get("val_accuracy")}
 
     def _calibrate(self, em: ElasticModel, data: _Data) -> dict[str, Any]:
-        if self.options.calibrate_batches:
+        levels = self._stale_levels(em)
+        if self.options.calibrate_batches and levels:
             batches = first_batches(data.train, self.train.batch_size, self.options.calibrate_batches)
-            for i in range(em.num_levels):
+            for i in levels:
                 em.calibrate_bn(batches, level=i)
         em.set_level(-1)
         acc = evaluate_levels(em, data.val, device=data.device)
         self.records_["level_accuracy"] = [r["accuracy"] for r in acc]
-        return {"val_accuracy": acc[-1]["accuracy"], "level_accuracy": self.records_["level_accuracy"]}
+        calibrated = levels if self.options.calibrate_batches else []
+        return {"val_accuracy": acc[-1]["accuracy"], "level_accuracy": self.records_["level_accuracy"],
+                "calibrated_levels": calibrated}
+
+    def _stale_levels(self, em: ElasticModel) -> list[int]:
+        """The levels whose BatchNorm statistics the final calibration recomputes.
+
+        ``grow_mode="joint"`` (or ``bn="shared"``): every level, since training a level moves weights
+        (or the one set of statistics) that the others read. ``grow_mode="freeze"`` with per-level
+        statistics: a level's statistics row is final once the level has trained on its own at its
+        final weights, the core in the last pruning step (``finetune_epochs > 0``) and each grown
+        level in its grow step (``grow_epochs > 0``); afterwards its weights are frozen and only the
+        growing level runs train-mode forwards, which update only its own row. Recalibrating such
+        a level would change its outputs after its build step, which freeze mode promises not to
+        do, so only levels that never trained on their own (zero epochs) are calibrated.
+        """
+        every = list(range(em.num_levels))
+        if self.options.grow_mode != "freeze" or em.bn_mode != "per_level":
+            return every
+        # the last pruning step trains the core alone, unless the core is the full network
+        full = {g.name: g.size for g in em.graph.groups}
+        core_trained = self.options.finetune_epochs > 0 and em.levels_[0].channels != full
+        stale = [] if core_trained else [0]
+        if self.options.grow_epochs == 0:
+            stale += every[1:]
+        return stale
 
     def _build_report(self, em: ElasticModel, data: _Data) -> None:
         accuracy = (self.records_.get("level_accuracy")
