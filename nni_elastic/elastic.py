@@ -258,24 +258,32 @@ class ElasticModel(nn.Module):
         """Rank channels and move the important ones first (function-preserving, and checked).
 
         With ``prefix={group: k}`` only the channels a level of ``k`` keeps are reordered, so
-        the channels of larger levels outside the prefix keep their places. Per-level BatchNorm
+        the channels of larger levels outside the prefix keep their places, and they are scored on
+        that level alone (its physically pruned export): a weight of a channel outside the level
+        (e.g. of a consumer's output channel the level drops) does not count, and gradient-based
+        criteria use the gradients of the level's forward (its BatchNorm statistics, the model's
+        train/eval mode). Per-level BatchNorm
         statistics move with their channels. The full model's outputs are compared before and
         after on a fixed batch; a group whose reorder changes them (an op torch-pruning traces as
         a plain channel map, such as a channel shuffle) is put back and refused, or kept at full
         width with ``unsupported="keep"``.
         """
         needs_grad = isinstance(importance, str) and importance in GRADIENT_IMPORTANCES
-        if needs_grad:
-            if data is None:
-                raise ValueError(f"importance {importance!r} needs gradients: pass data=<batches of (x, y)>")
-            self._accumulate_grads(data, loss_fn, importance=importance)
+        if needs_grad and data is None:
+            raise ValueError(f"importance {importance!r} needs gradients: pass data=<batches of (x, y)>")
         failures: dict[str, str] = {}
-        self._retrace_groups()
-        try:
-            scores = rank_channels(self.graph, importance, failures)
-        finally:
+        kept = None if prefix is None else {g.name: min(int(prefix.get(g.name, g.size)), g.size) for g in self.graph.groups}
+        if kept is not None and any(kept[g.name] < g.size for g in self.graph.groups):
+            scores = self._level_scores(importance, kept, data, loss_fn, failures)
+        else:
             if needs_grad:
-                self.model.zero_grad(set_to_none=True)
+                self._accumulate_grads(data, loss_fn, importance=importance)
+            self._retrace_groups()
+            try:
+                scores = rank_channels(self.graph, importance, failures)
+            finally:
+                if needs_grad:
+                    self.model.zero_grad(set_to_none=True)
         if failures:
             if self.unsupported == "error":
                 raise unsupported_error(failures)
@@ -295,6 +303,45 @@ class ElasticModel(nn.Module):
         for name, reason in reasons.items():
             self._demote(name, reason)
         return {k: v for k, v in perms.items() if k not in bad}
+
+    def _level_scores(
+        self,
+        importance: Union[str, ImportanceFn],
+        channels: Mapping[str, int],
+        data: Optional[Iterable],
+        loss_fn: Callable,
+        failures: dict[str, str],
+    ) -> dict[str, torch.Tensor]:
+        """``{group: scores}`` (length ``size``) of the channels a level ``{group: k}`` keeps, scored on its export.
+
+        Channel ``j`` of a group of the export is the ``j``-th smallest root channel the level keeps
+        (torch-pruning removes the others and keeps the order). Channels outside the level score 0;
+        a group the export's trace does not give back is left out (not reordered).
+        """
+        index = next((lv.index for lv in self.levels_ if lv.channels == dict(channels)), None)
+        plain = self.export(index if index is not None else saved_channels(channels))
+        plain.train(self.model.training)
+        # the groups this model keeps at full width stay so in the export (no second warning)
+        ignored = list(self.ignored_layers) + [r for r in self.graph.problems if r not in self.ignored_layers]
+        example = _example_batch(self.example_shape, self._device(), dtype=_module_dtype(plain))
+        sub = build_channel_graph(plain, example, ignored, "keep")
+        needs_grad = isinstance(importance, str) and importance in GRADIENT_IMPORTANCES
+        if needs_grad:
+            accumulate_gradients(plain, data, loss_fn, importance)
+        level_scores = rank_channels(sub, importance, failures)
+        scores: dict[str, torch.Tensor] = {}
+        for g in self.graph.groups:
+            k = channels[g.name]
+            s = level_scores.get(g.name)
+            if s is None or s.numel() != k:
+                if g.name not in failures:
+                    logger.warning("channel group %r: not found in the export of level %s; its channels keep their "
+                                   "order", g.name, dict(channels))
+                continue
+            full = torch.zeros(g.size)
+            full[torch.tensor(sorted(g.order[:k]), dtype=torch.long)] = s
+            scores[g.name] = full
+        return scores
 
     def _retrace_groups(self) -> None:
         """Give groups without a torch-pruning group (in a deep copy) one on this model's modules."""
