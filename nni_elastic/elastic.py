@@ -681,7 +681,7 @@ class ElasticModel(nn.Module):
 
         Example:
             >>> em.add_level(0.375, data=calib_batches)                     # between 0.25 and 0.5
-            >>> for row in search_result.pareto: em.add_level(row, data=calib_batches)
+            >>> em.add_level(search_subnets("elastic.pt", max_macs=0.3).best, data=calib_batches)
         """
         if data is not None and self.bn_mode != "per_level":
             raise ValueError("add_level(data=...) calibrates the new level's own BatchNorm statistics, but this model "
