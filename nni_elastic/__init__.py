@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 from . import data, models
+from .budget import Budgets, allocate, budgets
 from .checkpoint import CheckpointError, load_compact
 from .elastic import ElasticModel, Level
 from .graph import UnsupportedModuleError, build_channel_graph
@@ -23,6 +24,7 @@ from .training import TrainConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "Budgets",
     "CheckpointError",
     "ElasticModel",
     "ElasticOptions",
@@ -33,6 +35,8 @@ __all__ = [
     "StrategyResult",
     "TrainConfig",
     "UnsupportedModuleError",
+    "allocate",
+    "budgets",
     "build_channel_graph",
     "create_model",
     "data",

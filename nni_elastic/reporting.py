@@ -29,7 +29,7 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    columns = [c for c in ("level", "width", "macs", "macs_ratio", "params", "latency_ms", "accuracy") if any(c in r for r in rows)]
+    columns = [c for c in ("level", "width", "budget", "macs", "macs_ratio", "params", "latency_ms", "accuracy") if any(c in r for r in rows)]
     for c in columns:
         table.add_column(c, justify="right")
     for r in rows:

@@ -43,6 +43,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._registry import Registry
+from ..budget import parse_levels
 from ..elastic import BN_MODES, ElasticModel, check_widths
 from ..graph import IMPORTANCES, UNSUPPORTED_MODES
 from ..options import check_options, option, option_names
@@ -81,11 +82,22 @@ def _check_level_widths(widths: Any, label: str) -> None:
             raise ValueError(f"{path}: {list(widths)} must be strictly increasing (smallest level first)")
 
 
+def _check_level_budgets(value: Any, label: str) -> None:
+    if value is not None:
+        parse_levels(value, where=label.split(":")[0].split("=")[0])
+
+
 @dataclass
 class ElasticOptions:
-    """How a strategy wraps a model into levels (the recipe's ``elastic:`` section; see :class:`ElasticModel`)."""
+    """How a strategy wraps a model into levels (the recipe's ``elastic:`` section; see :class:`ElasticModel`).
+
+    ``levels`` asks for levels by budget instead of uniform ``widths``: ``{macs: [0.1, 0.25, 0.4, 1.0]}``
+    (fractions of the full network's MACs), ``{latency_ms: [...], batch_size: 64}`` (measured on the
+    current device) or ``{widths: [...]}``; the strategy chooses per-group widths (:mod:`nni_elastic.budget`).
+    """
 
     widths: list = option(default_factory=lambda: [0.25, 0.5, 0.75, 1.0], check=_check_level_widths)
+    levels: Optional[dict] = option(None, check=_check_level_budgets)
     importance: Union[str, Callable] = option("l1", check=_check_importance)
     bn: str = option("per_level", choices=BN_MODES)
     ignored_layers: list = option(default_factory=list)

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..checkpoint import CheckpointError, atomic_save, read_checkpoint
 from ..device import resolve_device
 from ..distributed import is_main
+from ..budget import Budgets, allocate, parse_levels
 from ..elastic import ElasticModel, check_widths
 from ..graph import GRADIENT_IMPORTANCES
 from ..options import check_options, option
@@ -116,22 +117,44 @@ class PruneAndGrow(Strategy):
 
     Options = PruneAndGrowOptions
 
-    def __init__(self, widths: Optional[Sequence[float]] = None, **settings: Any) -> None:
+    def __init__(self, widths: Optional[Sequence[float]] = None, *,
+                 levels: Optional[Union[Budgets, dict]] = None, **settings: Any) -> None:
         if widths is not None:
             settings["widths"] = check_widths(widths)  # its own messages for the Python API
+        if levels is not None:
+            settings["levels"] = parse_levels(levels, where="levels").to_dict()
         super().__init__(**settings)
-        below_full = sum(1 for w in self.widths if w < 1.0)
+        if self.elastic.levels is not None and self.elastic.widths != ElasticOptions().widths:
+            logger.warning("elastic.levels %s chooses the levels; elastic.widths %s is not used",
+                           self.elastic.levels, self.elastic.widths)
+        budget = self.budget
+        if budget.kind == "widths" and self.elastic.levels is not None:  # {widths: [...]} is plain widths
+            self.elastic = dataclasses.replace(self.elastic, widths=list(budget.values), levels=None)
+        below_full = sum(1 for w in budget.values if budget.kind == "latency_ms" or w < 1.0)
+        if budget.kind == "latency_ms":
+            below_full = len(budget.values)  # any level may be below the full network on this device
         if self.options.prune_steps < max(1, below_full):
             raise ValueError(f"prune_steps={self.options.prune_steps!r} must be an integer >= {max(1, below_full)} "
-                             f"(one step per level below the full width)")
+                             f"(one step per level below the full network)")
+        self._targets: Optional[list[dict[str, int]]] = None  # budget levels: each prune step's channels
 
     @classmethod
     def num_levels(cls, options: PruneAndGrowOptions, elastic: ElasticOptions) -> Optional[int]:
+        if elastic.levels is not None:
+            return len(parse_levels(elastic.levels).values)
         return len(elastic.widths)
 
     @property
+    def budget(self) -> Budgets:
+        """What the levels must fit (uniform ``widths`` unless ``elastic.levels`` gives budgets)."""
+        if self.elastic.levels is not None:
+            return parse_levels(self.elastic.levels)
+        return Budgets("widths", tuple(self.elastic.widths))
+
+    @property
     def widths(self) -> list[float]:
-        return self.elastic.widths
+        """Uniform level widths (budget levels have per-group widths: see ``report()``)."""
+        return self.elastic.widths if self.elastic.levels is None else []
 
     @property
     def ignored_layers(self) -> list[str]:
@@ -151,20 +174,27 @@ class PruneAndGrow(Strategy):
 
     # ------------------------------------------------------------------ plan
     def prune_path(self) -> list[float]:
-        """Target widths of the pruning steps, largest first (level widths plus intermediate ones)."""
-        levels = sorted((w for w in self.widths if w < 1.0), reverse=True)
-        points = [1.0] + levels
-        extra = self.options.prune_steps - len(levels)
-        inserted: list[float] = []
-        for _ in range(extra):  # split the gap with the largest ratio at its geometric mean
-            all_points = sorted(set(points + inserted), reverse=True)
-            gaps = [(hi / lo, hi, lo) for hi, lo in zip(all_points, all_points[1:])]
-            _, hi, lo = max(gaps)
-            inserted.append(math.sqrt(hi * lo))
-        return sorted(set(levels + inserted), reverse=True)
+        """Target widths of the pruning steps, largest first (level widths plus intermediate ones).
+
+        Budget levels: the MACs fractions of the steps (latency budgets: known after the wrap)."""
+        if self.budget.kind == "latency_ms":
+            return []
+        return _insert_points(list(self.budget.values), self.options.prune_steps)
 
     def plan(self) -> list[Step]:
         """The named steps ``fit`` runs, in order."""
+        if self.budget.kind == "widths":
+            return self._width_plan()
+        b = self.budget
+        steps = [Step("pretrain", "pretrain")] if self.options.pretrain_epochs else []
+        steps.append(Step("wrap", "wrap"))
+        # targets (channels per group) are chosen at the wrap and kept in the checkpoint
+        steps += [Step(f"prune_{j + 1}_of_{self.options.prune_steps}", "prune", j) for j in range(self.options.prune_steps)]
+        steps += [Step(f"grow_{i}_{b.label(i)}", "grow", i) for i in range(1, len(b.values))]
+        steps.append(Step("calibrate", "calibrate"))
+        return steps
+
+    def _width_plan(self) -> list[Step]:
         steps = []
         if self.options.pretrain_epochs:
             steps.append(Step("pretrain", "pretrain"))
@@ -212,6 +242,9 @@ class PruneAndGrow(Strategy):
                 em = self._wrap(model, example, data)
                 info = {}
                 self.elastic_model_ = em
+            elif step.kind == "prune" and isinstance(step.arg, int):  # budget levels: targets chosen at the wrap
+                targets = self.records_["prune_targets"]
+                info = self._prune(em, targets[step.arg], targets[step.arg - 1] if step.arg else None, data, index)
             elif step.kind == "prune":
                 info = self._prune(em, *step.arg, data, index)
             elif step.kind == "grow":
@@ -225,7 +258,11 @@ class PruneAndGrow(Strategy):
         self.elastic_model_ = em
         self._build_report(em, data)
         if is_main():  # timed where the files are written; the other processes would only compete for cores
-            self.measure_latency()
+            b = self.budget
+            if b.kind == "latency_ms":  # as the budgets were measured: next to them in the report
+                self.measure_latency(batch_size=b.batch_size, form=b.form)
+            else:
+                self.measure_latency()
         # eval: ready to deploy (a train-mode forward would move a level's BatchNorm statistics)
         return self._result(em.eval())
 
@@ -260,7 +297,7 @@ class PruneAndGrow(Strategy):
     def config(self) -> dict[str, Any]:
         """The strategy's settings as plain data (stored in checkpoints)."""
         o, t, e = self.options, self.train, self.elastic
-        out = {"widths": e.widths, "prune_steps": o.prune_steps, "pretrain_epochs": o.pretrain_epochs,
+        out = {"widths": e.widths, "levels": e.levels, "prune_steps": o.prune_steps, "pretrain_epochs": o.pretrain_epochs,
                "finetune_epochs": o.finetune_epochs, "grow_epochs": o.grow_epochs, "grow_mode": o.grow_mode,
                "regrow": o.regrow, "lr": t.lr, "finetune_lr": self.finetune_lr, "grow_lr": self.grow_lr,
                "batch_size": t.batch_size, "optimizer": t.optimizer, "momentum": t.momentum,
@@ -288,16 +325,37 @@ class PruneAndGrow(Strategy):
 
     def _wrap(self, model: nn.Module, example: torch.Tensor, data: _Data) -> ElasticModel:
         e = self.elastic
-        em = ElasticModel(model, example.to(data.device), e.widths, importance=e.importance, ignored_layers=e.ignored_layers,
+        example = example.to(data.device)
+        levels = None
+        if self.budget.kind != "widths":
+            levels = self._plan_levels(model, example, data)
+        em = ElasticModel(model, example, e.widths, levels=levels, importance=e.importance, ignored_layers=e.ignored_layers,
                           bn=e.bn, round_to=e.round_to, unsupported=e.unsupported, data=self._importance_data(data))
         em = em.to(data.device)
         # pretraining ran at full width before wrapping: its compute counts in full-model epochs
         self.records_["compute_full_epochs"] += float(self.records_.get("pretrain_epochs_done", 0))
         return em
 
-    def _level_of(self, em: ElasticModel, width: float) -> Union[int, float]:
+    def _plan_levels(self, model: nn.Module, example: torch.Tensor, data: _Data) -> list[dict[str, int]]:
+        """Budget levels: per-group channels of every level and prune step (:func:`nni_elastic.budget.allocate`)."""
+        e = self.elastic
+        plan = allocate(model, example, self.budget, importance=e.importance, data=self._importance_data(data),
+                        ignored_layers=e.ignored_layers, round_to=e.round_to, unsupported=e.unsupported,
+                        extra_fractions=self.prune_path(), calibration=first_batches(data.train, 256, 2))
+        fractions = [plan.estimated_fraction(lv) for lv in plan.levels]
+        points = _insert_points(fractions, self.options.prune_steps)
+        self.records_["prune_targets"] = [plan.levels[fractions.index(p)] if p in fractions else plan.at_fraction(p)
+                                          for p in points]
+        self.records_["budget"] = plan.to_dict()
+        logger.info("levels for %s: MACs %s of the full network", self.budget.to_dict(),
+                    ", ".join(f"{100 * r:.1f}%" for r in plan.macs_ratio))
+        return plan.levels
+
+    def _level_of(self, em: ElasticModel, width: Union[float, dict]) -> Union[int, float, dict]:
         for lv in em.levels_:
-            if lv.width is not None and abs(lv.width - width) < 1e-9:
+            if isinstance(width, dict) and lv.channels == width:
+                return lv.index
+            if not isinstance(width, dict) and lv.width is not None and abs(lv.width - width) < 1e-9:
                 return lv.index
         return width
 
@@ -309,17 +367,19 @@ class PruneAndGrow(Strategy):
 
     def _prune(self, em: ElasticModel, width: float, previous: Optional[float], data: _Data, index: int) -> dict[str, Any]:
         # the channels kept by the previous step (a pure function of the plan, so resume agrees)
-        prefix = em.channels_of(-1 if previous is None else self._level_of(em, previous))
+        prefix = em.channels_of(-1 if previous is None else self._level_of(em, dict(previous) if isinstance(previous, dict) else previous))
         em.reorder(self.elastic.importance, data=self._importance_data(data), prefix=prefix)  # re-score the channels still kept
         target = self._level_of(em, width)
         em.set_level(target)
         guard = ParameterGuard(em.model, em.parameter_masks(target))
         epochs = self.options.finetune_epochs
         hist = train(em, data.train, data.val, self._cfg(epochs, self.finetune_lr, index),
-                     params=guard.params, after_step=guard, device=data.device, quiet=self.quiet, desc=f"prune to {width:.2f}")
+                     params=guard.params, after_step=guard, device=data.device, quiet=self.quiet, desc=f"prune to {self._macs_ratio(em, target):.1%} MACs" if isinstance(width, dict) else f"prune to {width:.2f}")
         ratio = self._macs_ratio(em, target)
         self.records_["compute_full_epochs"] += epochs * ratio
-        return {"width": width, "val_accuracy": hist.last.get("val_accuracy"), "macs_ratio": ratio}
+        label = {"level": target} if isinstance(width, dict) and isinstance(target, int) else {}
+        return {"width": None if isinstance(width, dict) else width, **label,
+                "val_accuracy": hist.last.get("val_accuracy"), "macs_ratio": ratio}
 
     def _grow(self, em: ElasticModel, level: int, data: _Data, index: int) -> dict[str, Any]:
         em.set_level(level)
@@ -383,6 +443,10 @@ class PruneAndGrow(Strategy):
         rows = em.describe()
         for row, acc in zip(rows, accuracy):
             row["accuracy"] = acc
+        b = self.budget
+        if b.kind != "widths":  # each level next to what it had to fit
+            for row, value in zip(rows, b.values):
+                row["budget"] = f"{100 * value:.1f}% MACs" if b.kind == "macs" else f"{value:g} ms"
         self.report_ = rows
         full = em.levels[-1].macs
         self.compute_ = {
@@ -412,6 +476,19 @@ class PruneAndGrow(Strategy):
         rows = self.report()
         return StrategyResult(elastic_model=em, rows=rows, compute=dict(self.compute_), records=self.records_,
                               model=em.model, metadata={"accuracy": [r["accuracy"] for r in rows], "report": rows})
+
+
+def _insert_points(values: Sequence[float], steps: int) -> list[float]:
+    """The levels below 1.0 plus ``steps - len(levels)`` points splitting the largest gaps, largest first."""
+    levels = sorted((v for v in values if v < 1.0), reverse=True)
+    points = [1.0] + levels
+    inserted: list[float] = []
+    for _ in range(steps - len(levels)):  # split the gap with the largest ratio at its geometric mean
+        all_points = sorted(set(points + inserted), reverse=True)
+        gaps = [(hi / lo, hi, lo) for hi, lo in zip(all_points, all_points[1:])]
+        _, hi, lo = max(gaps)
+        inserted.append(math.sqrt(hi * lo))
+    return sorted(set(levels + inserted), reverse=True)
 
 
 @dataclass
