@@ -1,18 +1,23 @@
-"""Expansion-score growth: cost of the score, and checkpoints versus fixed networks of the same sizes.
+"""Expansion-score growth: cost of the growth check, and grown networks versus fixed ones.
 
-1. Score cost: one natural expansion score of ResNet-20 (N=128 samples) versus one training step
-   (batch 128), measured side by side; the cost of checking every 100 steps as a share of training,
-   for one score and for a full check (current model plus every candidate).
-2. Growth quality: expansion growth from a small growable CNN for ``--epochs`` epochs; every
-   checkpoint's architecture is then trained from scratch for the same number of epochs (the
-   "fixed" network of the same size). Table and accuracy-vs-params plot; JSON.
+1. Check cost (ResNet-20, N=128, 28x28), measured side by side (interleaved, medians): one training
+   step at batch 128, the full check (current model + all width candidates) and the default cheap
+   check (``candidate_top_k``), as a share of training at one check per 100 steps.
+2. Growth quality, per seed: expansion growth from a small growable CNN; then, trained from scratch
+   with the same optimizer, schedule and data order,
+   * the fixed *final* architecture for the same total number of optimizer steps as the growth run,
+   * the fixed *starting* architecture for the same steps,
+   * every intermediate checkpoint's architecture for the number of steps that checkpoint had
+     (the accuracy-vs-params curve: a checkpoint against a fixed network of its size and steps).
+   Test accuracy on the full test set; params, MACs, steps and wall time; JSON and the curve plot.
 
-    python benchmarks/bench_expansion.py --data fashion_mnist --limit 10000 --epochs 6
+    OMP_NUM_THREADS=1 python benchmarks/bench_expansion.py --data fashion_mnist --limit 20000 --epochs 8 --seeds 0,1,2
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -23,16 +28,18 @@ import torch.nn.functional as F
 
 import nni_elastic as ne
 from nni_elastic.device import resolve_device
-from nni_elastic.expansion import FisherGram
+from nni_elastic.measure import count_macs
 from nni_elastic.strategies import load_growth_checkpoint
-from nni_elastic.training import TrainConfig, evaluate, train
+from nni_elastic.training import TrainConfig, evaluate, make_optimizer, train
 
 
-def score_cost(device: torch.device, size: int, repeats: int) -> dict:
+def check_cost(device: torch.device, size: int, repeats: int, top_k: tuple[int, ...]) -> dict:
+    """Step, full check and top-k checks on ResNet-20, interleaved so that load changes hit all alike."""
     torch.manual_seed(0)
     model = ne.create_model("resnet20", num_classes=10, in_channels=1).to(device)
     x = torch.randn(128, 1, size, size, device=device)
     y = torch.randint(0, 10, (128,), device=device)
+    example = torch.zeros(1, 1, size, size, device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -42,29 +49,33 @@ def score_cost(device: torch.device, size: int, repeats: int) -> dict:
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    def score() -> None:
-        FisherGram.of(model, x, y).score(1.0)
+    checks = {"full": ne.ExpansionGrowth(quiet=True, candidate_top_k=None)}
+    checks.update({f"top{k}": ne.ExpansionGrowth(quiet=True, candidate_top_k=k) for k in top_k})
+    times: dict[str, list[float]] = {"step": [], **{k: [] for k in checks}}
+    agree = {k: 0 for k in checks}
+    regret = {k: [] for k in checks}
+    step()
+    for _ in range(repeats):  # one training step, then every check on that same model state
+        start = time.perf_counter(); step(); sync(); times["step"].append(time.perf_counter() - start)
+        decisions = {}
+        for name, eg in checks.items():
+            start = time.perf_counter(); decisions[name] = eg.check(model, x, y, example=example); sync()
+            times[name].append(time.perf_counter() - start)
+        full = decisions["full"]
+        for name, d in decisions.items():
+            agree[name] += d["best"] == full["best"]
+            regret[name].append(full["candidates"][full["best"]]["gain"] - full["candidates"][d["best"]]["gain"])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {"params": sum(p.numel() for p in model.parameters()), "step_s": med["step"],
+           "candidates": len(decisions["full"]["candidates"]), "repeats": repeats}
+    for name in checks:
+        out[name] = {"check_s": med[name], "every_100_steps_pct": 100 * med[name] / (100 * med["step"]),
+                     "same_best_as_full": agree[name], "mean_gain_lost": statistics.mean(regret[name])}
+    return out
 
-    step(); score()
-    steps, scores = [], []
-    for _ in range(repeats):  # interleaved
-        start = time.perf_counter(); step(); sync(); steps.append(time.perf_counter() - start)
-        start = time.perf_counter(); score(); sync(); scores.append(time.perf_counter() - start)
-    s, t = statistics.median(scores), statistics.median(steps)
-    params = sum(p.numel() for p in model.parameters())
-    eg = ne.ExpansionGrowth(quiet=True)
-    example = torch.zeros(1, 1, size, size, device=device)
-    n_candidates = len(eg._candidates(model, example))
-    start = time.perf_counter()
-    eg.check(model, x, y, example=example)  # the current model and every width candidate (new entries only)
-    sync()
-    check = time.perf_counter() - start
-    return {"params": params, "score_s": s, "step_s": t, "score_over_step": s / t,
-            "one_score_every_100_steps_pct": 100 * s / (100 * t), "candidates_resnet20": n_candidates,
-            "full_check_s": check, "full_check_every_100_steps_pct": 100 * check / (100 * t)}
 
-
-def reinit(model: torch.nn.Module) -> torch.nn.Module:
+def reinit(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
     for m in model.modules():
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
@@ -73,78 +84,187 @@ def reinit(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def train_fixed(model: torch.nn.Module, splits, steps: int, args, seed: int, device) -> dict:
+    """Train ``model`` from scratch for ``steps`` optimizer steps (whole epochs + a partial one), cosine over all."""
+    steps_per_epoch = math.ceil(len(splits.train) / args.batch_size)
+    epochs = math.ceil(steps / steps_per_epoch)
+    cfg = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=seed)
+    opt = make_optimizer(list(model.parameters()), cfg)  # what the growth run uses
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+
+    class Stop(Exception):
+        pass
+
+    def after(_, step: int) -> None:
+        if step >= steps:
+            raise Stop
+
+    start = time.time()
+    try:
+        train(model, splits.train, None, cfg, device=device, quiet=True, optimizer=opt, scheduler=sched, after_step=after)
+    except Stop:
+        pass
+    return {"accuracy": evaluate(model, splits.test_set, device=device)["accuracy"], "seconds": time.time() - start,
+            "steps": steps}
+
+
+def growth_settings(args) -> dict:
+    keys = ("criterion", "threshold", "tau", "size_lambda", "check_every", "warmup_steps", "grow_until",
+            "max_expansions", "max_params", "candidate_top_k", "width_fraction", "lr_schedule", "candidates",
+            "new_layer_noise")
+    out = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    out["candidates"] = out["candidates"].split(",")
+    return out
+
+
+def one_seed(args, splits, seed: int, device, out_dir: Path) -> dict:
+    channels = [int(c) for c in args.channels.split(",")]
+    torch.manual_seed(seed)
+    start_model = ne.create_model("growable_cnn", num_classes=splits.num_classes, in_channels=splits.in_channels,
+                                  channels=channels, blocks=[0] * len(channels))
+    eg = ne.ExpansionGrowth(**growth_settings(args), score_batch=128, epochs=args.epochs, batch_size=args.batch_size,
+                            lr=args.lr, seed=seed, device=args.device, quiet=True,
+                            checkpoint_dir=out_dir / f"expansion_checkpoints/seed{seed}")
+    start = time.time()
+    res = eg.fit(start_model, splits.train, splits.val).details
+    growth_s = time.time() - start
+    total_steps = args.epochs * math.ceil(len(splits.train) / args.batch_size)
+    example = splits.train[0][0].unsqueeze(0).to(device)
+    levels = []
+    for c in res.checkpoints:
+        grown, _ = load_growth_checkpoint(c.path)
+        acc = evaluate(grown, splits.test_set, device=device)["accuracy"]
+        fixed = train_fixed(reinit(grown, seed), splits, max(1, c.step), args, seed, device)
+        levels.append({"level": c.level, "params": c.params, "macs": c.macs, "step": c.step, "expansion": c.expansion,
+                       "checkpoint_accuracy": acc, "fixed_accuracy_same_steps": fixed["accuracy"]})
+        print(f"  seed {seed} level {c.level}: {c.params} params, checkpoint {100 * acc:.2f} % after {c.step} steps, "
+              f"fixed net of that size {100 * fixed['accuracy']:.2f} % after {c.step} steps", flush=True)
+    final_model = res.model
+    fixed_final = levels[-1]["fixed_accuracy_same_steps"]
+    torch.manual_seed(seed)
+    start_arch = ne.create_model("growable_cnn", num_classes=splits.num_classes, in_channels=splits.in_channels,
+                                 channels=channels, blocks=[0] * len(channels))
+    fs = train_fixed(start_arch, splits, total_steps, args, seed, device)
+    fixed_final_time = train_fixed(reinit(load_growth_checkpoint(res.checkpoints[-1].path)[0], seed), splits,
+                                   total_steps, args, seed, device)["seconds"] if args.time_fixed else None
+    row = {"seed": seed, "grown_final": levels[-1]["checkpoint_accuracy"], "fixed_final": fixed_final,
+           "fixed_start": fs["accuracy"], "params_final": levels[-1]["params"], "params_start": levels[0]["params"],
+           "macs_final": count_macs(final_model.to(device), example), "macs_start": levels[0]["macs"],
+           "steps": total_steps, "growth_seconds": growth_s, "fixed_start_seconds": fs["seconds"],
+           "fixed_final_seconds": fixed_final_time, "expansions": [e["name"] for e in res.expansions],
+           "expansion_steps": [e["step"] for e in res.expansions], "levels": levels, "checks": eg.checks_}
+    gap = row["fixed_final"] - row["fixed_start"]
+    row["within_1pp_of_fixed_final"] = row["grown_final"] >= row["fixed_final"] - 0.01
+    row["beats_start_by_half_gap"] = row["grown_final"] - row["fixed_start"] >= 0.5 * gap
+    row["curve_no_worse"] = all(lv["checkpoint_accuracy"] >= lv["fixed_accuracy_same_steps"] - 0.005 for lv in levels)
+    return row
+
+
+def summarise(rows: list[dict]) -> list[str]:
+    def ms(key: str, scale: float = 100.0) -> str:
+        vals = [scale * r[key] for r in rows]
+        return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else f"{vals[0]:.2f}"
+
+    lines = ["| seed | grown final | fixed final (same steps) | fixed start (same steps) | params start -> final | MACs final | "
+             "expansions | steps | growth s | fixed-start s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {100 * r['grown_final']:.2f} | {100 * r['fixed_final']:.2f} | {100 * r['fixed_start']:.2f} | "
+                     f"{r['params_start']} -> {r['params_final']} | {r['macs_final']} | {len(r['expansions'])} "
+                     f"(steps {r['expansion_steps']}) | {r['steps']} | {r['growth_seconds']:.0f} | {r['fixed_start_seconds']:.0f} |")
+    lines.append(f"| mean ± std | {ms('grown_final')} | {ms('fixed_final')} | {ms('fixed_start')} | "
+                 f"{statistics.mean(r['params_final'] for r in rows):.0f} | | | | | |")
+    gaps = [100 * (r["grown_final"] - r["fixed_final"]) for r in rows]
+    share = [(r["grown_final"] - r["fixed_start"]) / max(1e-9, r["fixed_final"] - r["fixed_start"]) for r in rows]
+    lines.append("")
+    lines.append(f"grown - fixed final: {[round(g, 2) for g in gaps]} pp (target >= -1: "
+                 f"{'met' if all(r['within_1pp_of_fixed_final'] for r in rows) else 'NOT met'}); "
+                 f"share of the start->final gap recovered: {[round(s, 2) for s in share]} (target >= 0.5: "
+                 f"{'met' if all(r['beats_start_by_half_gap'] for r in rows) else 'NOT met'}); "
+                 f"curve (every checkpoint within 0.5 pp of a fixed net of its size and steps, or better): "
+                 f"{'met' if all(r['curve_no_worse'] for r in rows) else 'NOT met'}")
+    return lines
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for i, r in enumerate(rows):
+        params = [lv["params"] for lv in r["levels"]]
+        ax.plot(params, [100 * lv["checkpoint_accuracy"] for lv in r["levels"]], "o-", color="C0", alpha=0.8,
+                label="growth checkpoints" if i == 0 else None)
+        ax.plot(params, [100 * lv["fixed_accuracy_same_steps"] for lv in r["levels"]], "s--", color="C1", alpha=0.8,
+                label="fixed, same size and steps" if i == 0 else None)
+        ax.plot([r["params_start"]], [100 * r["fixed_start"]], "v", color="C2", label="fixed start, all steps" if i == 0 else None)
+    ax.set_xscale("log"); ax.set_xlabel("parameters"); ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=8); ax.grid(alpha=0.3)
+    fig.tight_layout(); fig.savefig(path, dpi=120); plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="fashion_mnist")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--limit", type=int, default=10000)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--limit", type=int, default=20000, help="training samples (the test set is always whole)")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--channels", default="8,16,32")
-    p.add_argument("--threshold", type=float, default=0.03)
-    p.add_argument("--check-every", type=int, default=100)
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--max-params", type=int, default=200000)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--score-repeats", type=int, default=5)
+    p.add_argument("--lr", type=float, default=0.05)
+    # growth settings (None: the strategy's default)
+    p.add_argument("--criterion", default=None)
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--tau", type=float, default=None)
+    p.add_argument("--size-lambda", type=float, default=None)
+    p.add_argument("--check-every", type=int, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--grow-until", type=float, default=None)
+    p.add_argument("--max-expansions", type=int, default=None)
+    p.add_argument("--max-params", type=int, default=200000)
+    p.add_argument("--candidate-top-k", type=int, default=None)
+    p.add_argument("--width-fraction", type=float, default=None)
+    p.add_argument("--lr-schedule", default=None)
+    p.add_argument("--new-layer-noise", type=float, default=None)
+    p.add_argument("--candidates", default="depth,width")
+    p.add_argument("--time-fixed", action="store_true", help="also time the fixed final network for all steps")
+    p.add_argument("--cost-repeats", type=int, default=5)
+    p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--skip-growth", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="benchmarks/results/expansion.json")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
-    result = {"args": vars(args), "device": str(device), "torch_threads": torch.get_num_threads()}
-    cost = score_cost(device, 28, args.score_repeats)
-    result["score_cost"] = cost
-    print(f"score cost (ResNet-20, {cost['params']} params, N=128, 28x28): one score {cost['score_s']:.2f} s, "
-          f"one training step {cost['step_s']:.3f} s, ratio {cost['score_over_step']:.1f}; "
-          f"checking every 100 steps = {cost['one_score_every_100_steps_pct']:.1f} % of training for one score, "
-          f"{cost['full_check_every_100_steps_pct']:.0f} % with all {cost['candidates_resnet20']} width candidates", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"args": vars(args), "device": str(device), "torch_threads": torch.get_num_threads()}
+    if args.skip_growth and out.is_file():  # keep the growth results of an earlier run
+        result = {**json.loads(out.read_text()), "cost_args": vars(args)}
+    if not args.skip_cost:
+        cost = check_cost(device, 28, args.cost_repeats, (1, 2, 3))
+        result["check_cost"] = cost
+        print(f"check cost (ResNet-20, {cost['params']} params, N=128, 28x28, {cost['candidates']} width candidates; "
+              f"one training step {cost['step_s']:.3f} s; medians of {cost['repeats']} interleaved runs):", flush=True)
+        for name in ("full", "top1", "top2", "top3"):
+            c = cost[name]
+            print(f"  {name}: {c['check_s']:.2f} s = {c['every_100_steps_pct']:.1f} % of training at one check per 100 steps; "
+                  f"same best candidate as the full check in {c['same_best_as_full']}/{cost['repeats']} states, "
+                  f"mean gain given up {c['mean_gain_lost']:.4f}")
     if not args.skip_growth:
         splits = ne.data.load_dataset(args.data, root=args.data_root, limit=args.limit)
-        test = splits.test if splits.test is not None else splits.val
-        channels = [int(c) for c in args.channels.split(",")]
-        torch.manual_seed(0)
-        model = ne.create_model("growable_cnn", num_classes=splits.num_classes, in_channels=splits.in_channels,
-                                channels=channels, blocks=[0] * len(channels))
-        ckpt_dir = out.parent / "expansion_checkpoints"
-        eg = ne.ExpansionGrowth(threshold=args.threshold, check_every=args.check_every, warmup_steps=args.warmup_steps,
-                                max_params=args.max_params, score_batch=128, epochs=args.epochs, batch_size=args.batch_size,
-                                device=args.device, quiet=True, checkpoint_dir=ckpt_dir)
-        start = time.time()
-        res = eg.fit(model, splits.train, splits.val).details
-        growth_s = time.time() - start
+        splits.test_set = splits.test if splits.test is not None else splits.val
         rows = []
-        for c in res.checkpoints:
-            grown, _ = load_growth_checkpoint(c.path)
-            acc = evaluate(grown, test, device=device)["accuracy"]
-            torch.manual_seed(0)
-            fixed = reinit(grown)
-            start = time.time()
-            train(fixed, splits.train, None, TrainConfig(epochs=args.epochs, batch_size=args.batch_size), device=device, quiet=True)
-            rows.append({"level": c.level, "params": c.params, "macs": c.macs, "step": c.step, "expansion": c.expansion,
-                         "checkpoint_accuracy": acc, "fixed_accuracy": evaluate(fixed, test, device=device)["accuracy"],
-                         "fixed_seconds": time.time() - start})
-            print(f"level {c.level}: {c.params} params, checkpoint {100 * acc:.2f} % (trained {c.step} steps), "
-                  f"fixed net {100 * rows[-1]['fixed_accuracy']:.2f} % ({args.epochs} epochs)", flush=True)
-        result.update({"growth_seconds": growth_s, "levels": rows, "checks": eg.checks_})
-        lines = ["| level | params | MACs | expansion that followed | checkpoint acc | fixed net acc (same epochs) |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['level']} | {r['params']} | {r['macs']} | {r['expansion'] or '(final)'} | {100 * r['checkpoint_accuracy']:.2f} | "
-                  f"{100 * r['fixed_accuracy']:.2f} |" for r in rows]
-        table = "\n".join(lines)
-        print(table)
-        out.with_suffix(".md").write_text(table + "\n")
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot([r["params"] for r in rows], [100 * r["checkpoint_accuracy"] for r in rows], "o-", label="growth checkpoints")
-        ax.plot([r["params"] for r in rows], [100 * r["fixed_accuracy"] for r in rows], "s--", label="fixed, same epochs")
-        ax.set_xlabel("parameters"); ax.set_ylabel("test accuracy (%)"); ax.legend(); ax.grid(alpha=0.3)
-        fig.tight_layout(); fig.savefig(out.with_suffix(".png"), dpi=120); plt.close(fig)
-    out.write_text(json.dumps(result, indent=2))
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            rows.append(one_seed(args, splits, seed, device, out.parent))
+            out.write_text(json.dumps({**result, "seeds": rows}, indent=2, default=str))
+        result["seeds"] = rows
+        table = summarise(rows)
+        print("\n".join(table))
+        out.with_suffix(".md").write_text("\n".join(table) + "\n")
+        plot(rows, out.parent / "expansion_curve.png")
+    out.write_text(json.dumps(result, indent=2, default=str))
     return 0
 
 

@@ -115,7 +115,7 @@ def test_optimizer_state_is_carried_over(batch):
 def grow(digits, channels, **kwargs):
     torch.manual_seed(0)
     model = ne.create_model("growable_cnn", num_classes=10, in_channels=1, channels=channels, blocks=[0, 0, 0])
-    settings = dict(threshold=0.03, check_every=23, warmup_steps=92, score_batch=128, epochs=8, quiet=True)
+    settings = dict(threshold=0.03, check_every=23, warmup_steps=92, score_batch=128, epochs=8, quiet=True, grow_until=1.0)
     settings.update(kwargs)
     eg = ne.ExpansionGrowth(**settings)
     result = eg.fit(model, digits.train, digits.val)
@@ -162,7 +162,7 @@ def test_resume_after_interruption_matches_the_uninterrupted_run(digits, tmp_pat
     with pytest.raises(Interrupt):
         grow(digits, [4, 8, 8], epochs=6, checkpoint_dir=tmp_path / "b", on_step_end=stop)
     resumed = ne.ExpansionGrowth(threshold=0.03, check_every=23, warmup_steps=92, score_batch=128, epochs=6, quiet=True,
-                                 checkpoint_dir=tmp_path / "b").fit(
+                                 grow_until=1.0, checkpoint_dir=tmp_path / "b").fit(
         ne.create_model("growable_cnn", num_classes=10, in_channels=1, channels=[4, 8, 8], blocks=[0, 0, 0]),
         digits.train, digits.val, resume=True).details
     assert [e["name"] for e in resumed.expansions] == [e["name"] for e in reference.expansions]
@@ -222,7 +222,7 @@ def test_candidate_scores_from_the_new_entries_equal_a_full_recomputation(name, 
     torch.manual_seed(0)
     model = ne.create_model(name, in_channels=1)
     x, y = batch[0][:32], batch[1][:32]
-    eg = ne.ExpansionGrowth(quiet=True)
+    eg = ne.ExpansionGrowth(quiet=True, candidate_top_k=None)
     current = FisherGram.of(model, x, y)
     for _, apply in eg._candidates(model, torch.zeros(1, 1, 8, 8))[:4]:
         trial = copy.deepcopy(model)

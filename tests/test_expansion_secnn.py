@@ -161,7 +161,7 @@ def test_every_criterion_grows_a_small_network_and_not_a_big_one(digits, criteri
     def run(channels):
         torch.manual_seed(0)
         model = ne.create_model("growable_cnn", num_classes=10, in_channels=1, channels=channels, blocks=[0, 0, 0])
-        eg = ne.ExpansionGrowth(check_every=23, warmup_steps=92, score_batch=128, epochs=5, quiet=True,
+        eg = ne.ExpansionGrowth(check_every=23, warmup_steps=92, score_batch=128, epochs=5, quiet=True, grow_until=1.0,
                                 max_expansions=1, **SELECTIVE[criterion])
         return eg, eg.fit(model, digits.train, digits.val).details
 
@@ -210,7 +210,7 @@ def test_top_k_scores_only_k_width_candidates_and_ranks_by_the_proxy(batch):
     torch.manual_seed(0)
     model = ne.create_model("resnet20", num_classes=10, in_channels=1)
     x, y = batch[0][:32], batch[1][:32]
-    full = ne.ExpansionGrowth(quiet=True).check(model, x, y)
+    full = ne.ExpansionGrowth(quiet=True, candidate_top_k=None).check(model, x, y)
     cheap = ne.ExpansionGrowth(quiet=True, candidate_top_k=3).check(model, x, y)
     assert len(full["candidates"]) > 3 and len(cheap["candidates"]) == 3
     for name, score in cheap["candidates"].items():  # the shortlisted ones are scored exactly as before
@@ -232,3 +232,15 @@ def test_secnn_recipes_select_the_secnn_mode(recipe):
 def test_bad_growth_options_name_the_key(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
         ne.ExpansionGrowth(**kwargs)
+
+
+def test_cycles_schedule_anneals_at_each_check_and_runs_one_cycle_after_the_last_growth(digits):
+    torch.manual_seed(0)
+    model = ne.create_model("growable_cnn", num_classes=10, in_channels=1, channels=[4, 8, 8], blocks=[0, 0, 0])
+    eg = ne.ExpansionGrowth(criterion="gain", threshold=0.0, check_every=23, warmup_steps=23, max_expansions=1,
+                            lr_schedule="cycles", score_batch=64, epochs=4, quiet=True, candidates=["depth"], grow_until=1.0)
+    res = eg.fit(model, digits.train, digits.val).details
+    (expansion,) = res.expansions
+    assert eg.state_.segment == (expansion["step"], 4 * 23)  # growth over: one cycle to the end
+    assert eg._cycle_factor(expansion["step"]) == pytest.approx(1.0)
+    assert eg._cycle_factor(4 * 23) == pytest.approx(0.0, abs=1e-12)
