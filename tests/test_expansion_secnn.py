@@ -244,3 +244,19 @@ def test_cycles_schedule_anneals_at_each_check_and_runs_one_cycle_after_the_last
     assert eg.state_.segment == (expansion["step"], 4 * 23)  # growth over: one cycle to the end
     assert eg._cycle_factor(expansion["step"]) == pytest.approx(1.0)
     assert eg._cycle_factor(4 * 23) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_stage_wide_candidates_score_exactly_when_a_tensor_grows_twice(batch):
+    """stages.i.blocks.0.conv consumes the entry group and produces its own: two changes on one weight."""
+    from nni_elastic.strategies.expansion_growth import _expanded_gram
+
+    torch.manual_seed(0)
+    model = ne.create_model("growable_cnn", num_classes=10, in_channels=1, channels=[4, 8, 8], blocks=[1, 1, 1])
+    x, y = batch[0][:32], batch[1][:32]
+    eg = ne.ExpansionGrowth(quiet=True, candidates=["width"], width_scope="stage", width_increment=2)
+    current = FisherGram.of(model, x, y)
+    for name, apply in eg._candidates(model, x[:1]):
+        trial = copy.deepcopy(model)
+        changes = apply(trial)
+        assert _expanded_gram(trial, changes, current, x, y).score(1.0) == pytest.approx(
+            FisherGram.of(trial, x, y).score(1.0), rel=1e-6), name
