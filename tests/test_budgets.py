@@ -152,3 +152,21 @@ def test_budget_levels_survive_resume(digits, one_thread, tmp_path):
     result = pg.fit(fresh, digits.train, digits.val, resume=True, example_inputs=digits.example_inputs())
     assert "prune_2_of_2" in pg.records_["steps"] and len(result.elastic_model.levels) == 2
     assert result.rows[0]["macs_ratio"] <= 0.15
+
+
+def test_optuna_study_tunes_macs_budgets(tmp_path, one_thread):
+    import optuna
+
+    from nni_elastic.optuna import tune
+
+    space = {"elastic.levels.macs": {"_type": "choice", "_value": ["[0.15, 1.0]", "[0.3, 1.0]"]}}
+    tiny = {"device": "cpu", "data.limit": 150, "strategy.prune_steps": 1, "strategy.pretrain_epochs": 1,
+            "strategy.finetune_epochs": 1, "strategy.grow_epochs": 1, "strategy.calibrate_batches": 2}
+    study = tune(RECIPE, 2, search_space=space, storage=f"sqlite:///{tmp_path / 's.db'}", study_name="budgets",
+                 overrides=tiny, output_dir=tmp_path / "out", quiet=True, seed=0, sampler="random", plots=False,
+                 objectives=("accuracy", "macs"))
+    for t in study.trials:
+        assert t.state == optuna.trial.TrialState.COMPLETE
+        budget = float(t.params["elastic.levels.macs"].strip("[]").split(",")[0])
+        levels = t.user_attrs["level_macs"]
+        assert len(levels) == 2 and levels[0] <= budget * levels[1]

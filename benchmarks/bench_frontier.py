@@ -1,0 +1,265 @@
+"""Prune-and-grow on the accuracy-vs-compute frontier: budget levels vs independently trained twins, over seeds.
+
+For each model and seed:
+
+1. prune-and-grow pretrains the full network for ``--epochs`` epochs, then builds levels for
+   ``--levels`` (``macs:0.1,0.25,0.4,1.0``: per-group widths chosen for MACs budgets; or
+   ``widths:0.25,0.5,0.75,1.0``: uniform), prunes and grows them (``--grow-mode``);
+2. ``--extra`` more levels are added after training with ``ElasticModel.add_level`` (channels
+   between two trained levels, BatchNorm calibrated; no training), so the model ships
+   ``len(levels) + extra`` operating points for the same training compute;
+3. every trained level's architecture (its export, re-initialised) is trained from scratch for
+   ``--epochs`` epochs: its "twin";
+4. each level's test accuracy, MACs, deployed latency (batch ``--latency-batch``) and the
+   training compute (MACs x samples, in units of one full training) are recorded.
+
+The table gives mean and standard deviation over seeds; results go to JSON after every seed
+(``--resume`` skips finished seeds) and to a plot of accuracy vs MACs and vs latency.
+
+Targets (issue 13): a level within 1 pp of the full twin at <= 40 % of its MACs; every level >=
+its twin - 0.3 pp in the mean, the smallest >= its twin; compute <= 1.5x one full training.
+
+    python benchmarks/bench_frontier.py --models resnet20,mobilenetv2_tiny --seeds 0,1,2 --limit 6000 --epochs 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import nni_elastic as ne
+from nni_elastic.budget import parse_levels
+from nni_elastic.device import resolve_device
+from nni_elastic.strategies._base import first_batches
+from nni_elastic.training import TrainConfig, evaluate, train
+
+
+def parse_spec(text: str) -> dict[str, Any]:
+    kind, _, values = text.partition(":")
+    return parse_levels({kind: [float(v) for v in values.split(",")]}, where="--levels").to_dict()
+
+
+def reinit(model: torch.nn.Module) -> torch.nn.Module:
+    for m in model.modules():
+        if hasattr(m, "reset_parameters") and m is not model:
+            m.reset_parameters()
+    return model
+
+
+def between(lo: dict[str, int], hi: dict[str, int], t: float) -> dict[str, int]:
+    return {g: int(round(lo[g] + (hi[g] - lo[g]) * t)) for g in lo}
+
+
+def extra_levels(em: ne.ElasticModel, count: int) -> list[dict[str, int]]:
+    """``count`` channel plans between consecutive trained levels (largest gaps first), nested by construction."""
+    chans = [lv.channels for lv in em.levels]
+    gaps = [[i, 1] for i in range(len(chans) - 1)]  # [gap index, parts]
+    for _ in range(count):
+        ratio = [(em.levels[i + 1].macs / em.levels[i].macs) ** (1 / parts) for i, parts in gaps]
+        gaps[max(range(len(gaps)), key=lambda j: ratio[j])][1] += 1
+    out = []
+    for i, parts in gaps:
+        for p in range(1, parts):
+            out.append(between(chans[i], chans[i + 1], p / parts))
+    return out
+
+
+def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, test: Any, device: torch.device) -> dict:
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=seed)
+    torch.manual_seed(seed)
+    model = ne.create_model(model_name, num_classes=splits.num_classes, in_channels=splits.in_channels)
+    spec = parse_spec(args.levels)
+    level_kw = {"widths": spec["widths"]} if "widths" in spec else {"levels": spec}
+    pg = ne.PruneAndGrow(**level_kw, pretrain_epochs=args.epochs, prune_steps=args.prune_steps,
+                         finetune_epochs=args.finetune_epochs, grow_epochs=args.grow_epochs, grow_mode=args.grow_mode,
+                         importance=args.importance, lr=args.lr, batch_size=args.batch_size, seed=seed, device=device,
+                         quiet=args.quiet)
+    start = time.time()
+    em = pg.fit(model, splits.train, splits.val, example_inputs=splits.example_inputs()).elastic_model
+    seconds = time.time() - start
+    full_macs = em.levels[-1].macs
+    trained = len(em.levels)
+    levels = []
+    for lv in em.levels:
+        with em.use_level(lv.index):
+            acc = evaluate(em, test, device=device)["accuracy"]
+        levels.append({"channels": lv.channels, "macs": lv.macs, "macs_ratio": lv.macs / full_macs, "accuracy": acc})
+    # more operating points at no training: levels between the trained ones, BatchNorm calibrated
+    calibration = first_batches(splits.train, args.batch_size, 20)
+    added = []
+    for chans in extra_levels(em, args.extra):
+        lv = em.add_level(chans, data=calibration)
+        with em.use_level(lv.index):
+            acc = evaluate(em, test, device=device)["accuracy"]
+        added.append({"channels": lv.channels, "macs": lv.macs, "macs_ratio": lv.macs / full_macs, "accuracy": acc})
+    for row in levels + added:
+        index = next(lv.index for lv in em.levels if lv.channels == row["channels"])
+        row["latency_ms"] = em.measure_latency(index, batch_size=args.latency_batch, form="deploy")
+    # twins: each trained level's architecture from scratch, same epochs and data order
+    for i, row in enumerate(levels):
+        torch.manual_seed(seed)
+        twin = reinit(em.export(i))
+        t0 = time.time()
+        train(twin, splits.train, None, cfg, device=device, quiet=args.quiet, desc=f"twin {i}")
+        row["twin_accuracy"] = evaluate(twin, test, device=device)["accuracy"]
+        row["twin_seconds"] = time.time() - t0
+        row["delta_pp"] = 100 * (row["accuracy"] - row["twin_accuracy"])
+        print(f"  {model_name} seed {seed} level {i}: MACs {row['macs_ratio']:.3f}, elastic {100 * row['accuracy']:.2f}, "
+              f"twin {100 * row['twin_accuracy']:.2f} ({row['delta_pp']:+.2f} pp)", flush=True)
+    compute = pg.compute_["full_epochs"] / args.epochs
+    return {"model": model_name, "seed": seed, "levels": levels, "added": added, "trained_levels": trained,
+            "compute_vs_one_full_training": compute,
+            "twins_compute_vs_one_full_training": sum(r["macs_ratio"] for r in levels),
+            "prune_and_grow_seconds": seconds, "steps": pg.records_["steps"], "budget": pg.records_.get("budget")}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(runs: list[dict]) -> dict:
+    n_levels = len(runs[0]["levels"])
+    rows = []
+    for i in range(n_levels):
+        acc = mean_std([r["levels"][i]["accuracy"] for r in runs])
+        twin = mean_std([r["levels"][i]["twin_accuracy"] for r in runs])
+        delta = mean_std([r["levels"][i]["delta_pp"] for r in runs])
+        rows.append({"level": i, "macs_ratio": statistics.fmean(r["levels"][i]["macs_ratio"] for r in runs),
+                     "latency_ms": statistics.fmean(r["levels"][i]["latency_ms"] for r in runs),
+                     "accuracy": acc, "twin_accuracy": twin, "delta_pp": delta})
+    full_twin = rows[-1]["twin_accuracy"][0]
+    within = [r for r in rows if r["accuracy"][0] >= full_twin - 0.01]
+    added = []
+    for j in range(len(runs[0]["added"])):
+        added.append({"macs_ratio": statistics.fmean(r["added"][j]["macs_ratio"] for r in runs),
+                      "latency_ms": statistics.fmean(r["added"][j]["latency_ms"] for r in runs),
+                      "accuracy": mean_std([r["added"][j]["accuracy"] for r in runs])})
+    frontier = within + [a for a in added if a["accuracy"][0] >= full_twin - 0.01]
+    compute = mean_std([r["compute_vs_one_full_training"] for r in runs])
+    return {
+        "levels": rows, "added": added, "compute": compute, "seeds": [r["seed"] for r in runs],
+        "macs_cut_at_1pp": 1 - min(r["macs_ratio"] for r in within) if within else 0.0,
+        "macs_cut_at_1pp_with_added": 1 - min(r["macs_ratio"] for r in frontier) if frontier else 0.0,
+        "targets": {
+            "frontier_1pp_at_40pct_macs": bool(within) and min(r["macs_ratio"] for r in within) <= 0.40,
+            "every_level_ge_twin_minus_0.3pp": all(r["delta_pp"][0] >= -0.3 for r in rows),
+            "smallest_ge_twin": rows[0]["delta_pp"][0] >= 0,
+            "compute_le_1.5x": compute[0] <= 1.5,
+        },
+    }
+
+
+def table(model_name: str, summary: dict, args: argparse.Namespace, n_train: int, n_test: int) -> str:
+    lines = [f"### {model_name}, {args.levels}, seeds {summary['seeds']} ({n_train} train samples, {n_test} test, "
+             f"{args.epochs} epochs, grow_mode={args.grow_mode}, importance={args.importance})", "",
+             "| level | MACs ratio | latency ms (b{}) | elastic acc | twin acc | delta pp |".format(args.latency_batch),
+             "|---|---|---|---|---|---|"]
+    for r in summary["levels"]:
+        lines.append(f"| {r['level']} | {r['macs_ratio']:.3f} | {r['latency_ms']:.2f} | {100 * r['accuracy'][0]:.2f} ± "
+                     f"{100 * r['accuracy'][1]:.2f} | {100 * r['twin_accuracy'][0]:.2f} ± {100 * r['twin_accuracy'][1]:.2f} | "
+                     f"{r['delta_pp'][0]:+.2f} ± {r['delta_pp'][1]:.2f} |")
+    for a in summary["added"]:
+        lines.append(f"| added | {a['macs_ratio']:.3f} | {a['latency_ms']:.2f} | {100 * a['accuracy'][0]:.2f} ± "
+                     f"{100 * a['accuracy'][1]:.2f} | - | - |")
+    t = summary["targets"]
+    c = summary["compute"]
+    lines += ["", f"- training compute: {c[0]:.2f} ± {c[1]:.2f}x one full training for {len(summary['levels'])} trained levels "
+              f"({len(summary['levels']) + len(summary['added'])} levels with the added ones, same compute)",
+              f"- MACs cut at <= 1 pp below the full twin: {100 * summary['macs_cut_at_1pp']:.1f} % (trained levels), "
+              f"{100 * summary['macs_cut_at_1pp_with_added']:.1f} % (with added levels)",
+              "- targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in t.items()), ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(results)
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 4.2 * len(models)), squeeze=False)
+    for row, name in zip(axes, models):
+        s = results[name]["summary"]
+        for ax, key, label in ((row[0], "macs_ratio", "MACs (fraction of full)"), (row[1], "latency_ms", "latency, ms (deploy form)")):
+            xs = [r[key] for r in s["levels"]]
+            ax.errorbar(xs, [100 * r["twin_accuracy"][0] for r in s["levels"]], yerr=[100 * r["twin_accuracy"][1] for r in s["levels"]],
+                        fmt="s--", capsize=3, label="independent twins")
+            ax.errorbar(xs, [100 * r["accuracy"][0] for r in s["levels"]], yerr=[100 * r["accuracy"][1] for r in s["levels"]],
+                        fmt="o-", capsize=3, label="elastic levels (trained)")
+            if s["added"]:
+                ax.errorbar([a[key] for a in s["added"]], [100 * a["accuracy"][0] for a in s["added"]],
+                            yerr=[100 * a["accuracy"][1] for a in s["added"]], fmt="^", capsize=3, label="added levels (no training)")
+            full = 100 * s["levels"][-1]["twin_accuracy"][0]
+            ax.axhline(full - 1, color="grey", lw=0.8, ls=":", label="full twin - 1 pp")
+            if key == "macs_ratio":
+                ax.axvline(0.4, color="grey", lw=0.8, ls="-.")
+            ax.set_xlabel(label)
+            ax.set_ylabel("test accuracy (%)")
+            ax.set_title(f"{name}: mean ± std over seeds {s['seeds']}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet20,mobilenetv2_tiny")
+    p.add_argument("--data", default="fashion_mnist")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--limit", type=int, default=6000, help="training samples (the test split is always whole)")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--levels", default="macs:0.1,0.25,0.4,1.0", help="macs:... or widths:... (smallest first)")
+    p.add_argument("--extra", type=int, default=4, help="levels added after training (add_level)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--grow-mode", default="joint")
+    p.add_argument("--importance", default="l1")
+    p.add_argument("--prune-steps", type=int, default=3)
+    p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--grow-epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--latency-batch", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="benchmarks/results/prune_and_grow_frontier.json")
+    p.add_argument("--resume", action="store_true", help="keep the seeds already in --out")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    results: dict = json.loads(out.read_text())["results"] if args.resume and out.is_file() else {}
+    tables = []
+    for name in args.models.split(","):
+        entry = results.setdefault(name, {"runs": []})
+        done = {r["seed"] for r in entry["runs"]}
+        for seed in (int(s) for s in args.seeds.split(",")):
+            if seed in done:
+                continue
+            splits = ne.data.load_dataset(args.data, root=args.data_root, limit=args.limit, seed=seed)
+            test = splits.test if splits.test is not None else splits.val
+            entry["runs"].append(run_seed(name, seed, args, splits, test, device))
+            entry["summary"] = summarize(entry["runs"])
+            entry.update(train_samples=len(splits.train), test_samples=len(test))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"args": vars(args), "device": str(device), "torch": torch.__version__,
+                                       "date": time.strftime("%Y-%m-%d"), "results": results}, indent=2))
+        if entry["runs"]:
+            entry["summary"] = summarize(entry["runs"])
+            tables.append(table(name, entry["summary"], args, entry["train_samples"], entry["test_samples"]))
+    text = "\n".join(tables)
+    print(text)
+    out.with_suffix(".md").write_text(text + "\n")
+    plot(results, out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
