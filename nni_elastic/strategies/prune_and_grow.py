@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import CheckpointError, atomic_save, read_checkpoint
 from ..device import resolve_device
-from ..distributed import is_main
+from ..distributed import from_main, is_main
 from ..budget import Budgets, allocate, parse_levels
 from ..elastic import ElasticModel, check_widths
 from ..graph import GRADIENT_IMPORTANCES
@@ -88,6 +88,10 @@ class PruneAndGrow(Strategy):
 
     Args:
         widths: level widths in (0, 1], strictly increasing (smallest = the core).
+        levels: instead of widths, budgets the levels must fit (``ne.budgets(macs=[...])``,
+            ``ne.budgets(latency_ms=[...], batch_size=64)``, or the recipe form
+            ``{"macs": [...]}``): per-group widths are chosen at the wrap
+            (:func:`nni_elastic.budget.allocate`) and each level is reported next to its budget.
         importance: channel ranking (``"l1"``, ``"l2"``, ``"bn"``, ``"taylor"``, ...).
         prune_steps: pruning steps from the full width down to the core; at least one per level
             below the full width; extra steps insert intermediate widths in the largest gaps.
@@ -344,12 +348,13 @@ class PruneAndGrow(Strategy):
                         extra_fractions=self.prune_path(), calibration=first_batches(data.train, 256, 2))
         fractions = [plan.estimated_fraction(lv) for lv in plan.levels]
         points = _insert_points(fractions, self.options.prune_steps)
-        self.records_["prune_targets"] = [plan.levels[fractions.index(p)] if p in fractions else plan.at_fraction(p)
-                                          for p in points]
-        self.records_["budget"] = plan.to_dict()
+        targets = [plan.levels[fractions.index(p)] if p in fractions else plan.at_fraction(p) for p in points]
+        # several processes: rank 0's plan everywhere (latency budgets are timed, so ranks could differ)
+        levels, targets, budget = from_main((plan.levels, targets, plan.to_dict()))
+        self.records_["prune_targets"], self.records_["budget"] = targets, budget
         logger.info("levels for %s: MACs %s of the full network", self.budget.to_dict(),
-                    ", ".join(f"{100 * r:.1f}%" for r in plan.macs_ratio))
-        return plan.levels
+                    ", ".join(f"{100 * r:.1f}%" for r in budget["macs_ratio"]))
+        return levels
 
     def _level_of(self, em: ElasticModel, width: Union[float, dict]) -> Union[int, float, dict]:
         for lv in em.levels_:
