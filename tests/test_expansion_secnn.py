@@ -14,6 +14,7 @@ from nni_elastic.config import load_recipe
 from nni_elastic.expansion import DiagonalFisher, FisherGram, add_block, widen_group
 from nni_elastic.graph import build_channel_graph
 from nni_elastic.runner import build_strategy
+from nni_elastic.strategies import load_growth_checkpoint
 from nni_elastic.training import evaluate
 
 
@@ -260,3 +261,19 @@ def test_stage_wide_candidates_score_exactly_when_a_tensor_grows_twice(batch):
         changes = apply(trial)
         assert _expanded_gram(trial, changes, current, x, y).score(1.0) == pytest.approx(
             FisherGram.of(trial, x, y).score(1.0), rel=1e-6), name
+
+
+def test_recalibrated_checkpoints_leave_the_run_unchanged(digits, tmp_path):
+    def run(batches, out):
+        torch.manual_seed(0)
+        model = ne.create_model("growable_cnn", num_classes=10, in_channels=1, channels=[4, 8, 8], blocks=[0, 0, 0])
+        eg = ne.ExpansionGrowth(threshold=0.0, check_every=23, warmup_steps=23, max_expansions=1, epochs=3, quiet=True,
+                                score_batch=64, grow_until=1.0, checkpoint_bn_batches=batches, checkpoint_dir=out)
+        return eg.fit(model, digits.train, digits.val).details
+
+    plain, calibrated = run(0, tmp_path / "a"), run(5, tmp_path / "b")
+    for key, value in plain.model.state_dict().items():
+        assert torch.equal(value, calibrated.model.state_dict()[key]), key
+    first = [load_growth_checkpoint(r.checkpoints[0].path)[0].state_dict() for r in (plain, calibrated)]
+    assert not torch.equal(first[0]["stages.0.entry.bn.running_var"], first[1]["stages.0.entry.bn.running_var"])
+    assert torch.equal(first[0]["stages.0.entry.conv.weight"], first[1]["stages.0.entry.conv.weight"])
