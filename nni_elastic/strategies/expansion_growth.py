@@ -229,10 +229,10 @@ class ExpansionGrowthOptions:
     tau: float = option(1.0, gt=0)
     size_penalty: float = option(0.0, ge=0)
     size_lambda: float = option(0.0, ge=0)
-    check_every: int = option(100, ge=1)
+    check_every: int = option(50, ge=1)
     check_per_epoch: bool = option(False)
     warmup_steps: Optional[int] = option(None, ge=0)
-    grow_until: float = option(0.25, gt=0, le=1)
+    grow_until: float = option(0.15, gt=0, le=1)
     cooldown: int = option(0, ge=0)
     max_expansions: Optional[int] = option(None, ge=0)
     max_params: Optional[int] = option(None, ge=1)
@@ -287,10 +287,11 @@ class ExpansionGrowth(Strategy):
             (``n``: parameters the candidate adds).
         size_penalty: ``"gain"``: cost per relative parameter increase n / params subtracted from the gain.
         size_lambda: ``"ratio"``/``"secnn"``: SECNN's lambda_n in ``exp(-lambda_n * n^2)``, per squared parameter.
-        check_every: optimizer steps between growth checks.
+        check_every: optimizer steps between growth checks (default 50: frequent, but only in the
+            first ``grow_until`` of the run).
         check_per_epoch: check once per epoch instead (SECNN).
         warmup_steps: optimizer steps before the first check (default: ``2 * check_every``).
-        grow_until: no checks after this fraction of the run's optimizer steps (default 0.25: grow
+        grow_until: no checks after this fraction of the run's optimizer steps (default 0.15: grow
             early, then train the final architecture; see benchmarks/README.md).
         cooldown: checks skipped after an expansion.
         max_expansions: at most this many expansions.
@@ -441,11 +442,12 @@ class ExpansionGrowth(Strategy):
         """Score the current model and the candidates on one batch; return the decision record.
 
         Works on any model, inside a run or not (``example``: the tracing input, default ``x[:1]``).
-        Every expansion preserves the function, so the per-sample gradients of the old parameters
-        are the same in the expanded model: its Fisher is the current one extended by the new
-        entries' gradients (K_c = K + G_new G_new^T, or the diagonal appended). Only the grown
-        tensors are differentiated. The best candidate's model is kept so that :meth:`expand`
-        applies exactly what was scored.
+        Widening preserves the function exactly, so the per-sample gradients of the old parameters
+        are the same in the widened model: its Fisher is the current one extended by the new
+        entries' gradients (K_c = K + G_new G_new^T, or the diagonal appended), and only the grown
+        tensors are differentiated. Depth candidates are rescored in full. With
+        ``candidate_top_k``, only the k width candidates the proxy ranks best are scored. The best
+        candidate's model is kept so that :meth:`expand` applies exactly what was scored.
         """
         o = self.options
         _check_inputs(x, y, o.damping, "absolute")
