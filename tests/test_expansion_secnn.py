@@ -151,7 +151,9 @@ def test_diagonal_fisher_is_the_diagonal_of_the_empirical_fisher(batch):
 
 
 SELECTIVE = {  # the gain criterion: tests/test_expansion.py::test_a_too_small_network_grows_and_a_big_enough_one_does_not
-    "ratio": dict(criterion="ratio", tau=1.15, size_lambda=1e-8),
+    # tau midway between the ratios measured at 1 and 2 threads (small net 1.14-1.15, big one 0.95): the
+    # trajectory differs in the last bits with the thread count, the decision must not
+    "ratio": dict(criterion="ratio", tau=1.05, size_lambda=1e-8),
     "secnn": dict(criterion="secnn", tau=1.15, size_lambda=1e-8, width_scope="stage", width_increment=2,
                   check_per_epoch=True, new_layer_noise=0.01),
 }
