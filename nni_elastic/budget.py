@@ -136,7 +136,7 @@ def parse_levels(spec: Union[Budgets, Mapping[str, Any]], where: str = "elastic.
 
 # ---------------------------------------------------------------------- MACs of a channel plan
 class MacModel:
-    """MACs of the convolutions and linear layers of a wrapped model for any ``{group: k}``, in microseconds.
+    """MACs of the convolutions and linear layers of a wrapped model for any ``{group: k}``, without an export.
 
     Built once from one forward at full width (kernel sizes, output sizes); a plan's count is
     then a sum over layers of ``out * in / groups * kernel * positions`` with the kept channel
