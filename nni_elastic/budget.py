@@ -33,11 +33,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .graph import GRADIENT_IMPORTANCES, ImportanceFn, keep_indices, rank_channels
+from .graph import ImportanceFn
 
 __all__ = ["BUDGET_KINDS", "Budgets", "budgets", "parse_levels", "LevelPlan", "MacModel", "allocate"]
 
@@ -247,17 +248,7 @@ class LevelPlan:
 
 
 def _group_scores(em: Any, importance: Union[str, ImportanceFn], data: Optional[Iterable], loss_fn: Callable) -> dict[str, torch.Tensor]:
-    needs_grad = isinstance(importance, str) and importance in GRADIENT_IMPORTANCES
-    if needs_grad:
-        if data is None:
-            raise ValueError(f"importance {importance!r} needs gradients: pass data=<batches of (x, y)>")
-        em._accumulate_grads(data, loss_fn, importance=importance)
-    try:
-        em._retrace_groups()
-        scores = rank_channels(em.graph, importance)
-    finally:
-        if needs_grad:
-            em.model.zero_grad(set_to_none=True)
+    scores = em.channel_scores(importance, data=data, loss_fn=loss_fn)
     out = {}
     for g in em.graph.groups:
         s = scores[g.name].clamp_min(0).double()[torch.tensor(g.order)]
@@ -306,21 +297,12 @@ def _sensitivity_scores(em: Any, batches: Sequence[tuple[torch.Tensor, torch.Ten
                     rise[k] = max(loss({g.name: k}) - base, 0.0)
             # loss at every k by linear interpolation, made non-increasing in k (more channels never hurt)
             known = sorted(rise)
-            curve = torch.tensor([_interp(k, known, [rise[j] for j in known]) for k in range(g.size + 1)], dtype=torch.float64)
+            curve = torch.from_numpy(np.interp(np.arange(g.size + 1), known, [rise[j] for j in known]))
             curve = torch.flip(torch.cummax(torch.flip(curve, [0]), 0).values, [0])
             out[g.name] = (curve[:-1] - curve[1:]).clamp_min(0) + 1e-9  # cost of channel k: curve[k] - curve[k + 1]
         return out
     finally:
         em.train(was_training)
-
-
-def _interp(k: int, xs: Sequence[int], ys: Sequence[float]) -> float:
-    if k <= xs[0]:
-        return ys[0]
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-        if k <= x1:
-            return y0 + (y1 - y0) * (k - x0) / (x1 - x0)
-    return ys[-1]
 
 
 def _floors(em: Any, min_width: float) -> dict[str, int]:
@@ -392,13 +374,21 @@ def allocate(model: nn.Module, example: torch.Tensor, spec: Union[Budgets, Mappi
     # a scratch wrap of a copy: the graph, the importance order, exact counts (the real wrap redoes the same order)
     em = ElasticModel(work, example, (1.0,), importance=importance, ignored_layers=ignored_layers, round_to=round_to,
                       unsupported=unsupported, verify=False, data=data, loss_fn=loss_fn)
+    mac_model = MacModel(em.model, em.graph, example.to(em._device()))
+    counted: dict[tuple, int] = {}
+
+    def macs_of(channels: Mapping[str, int]) -> int:  # torch-pruning's count on the export, once per plan
+        key = tuple(sorted(channels.items()))
+        if key not in counted:
+            counted[key] = int(em.count(dict(channels))[0])
+        return counted[key]
+
+    full = macs_of(em.channels_of(1.0))
     if spec.kind == "widths":
         levels = [em.channels_of(float(w)) for w in spec.values]
         plan = LevelPlan(levels, spec)
-        mac_model = MacModel(em.model, em.graph, example.to(em._device()))
         plan.path = sorted(((mac_model(c) / mac_model.full, c) for c in levels), key=lambda t: -t[0])
     else:
-        mac_model = MacModel(em.model, em.graph, example.to(em._device()))
         if calibration:
             scores = _sensitivity_scores(em, list(calibration), loss_fn, _floors(em, spec.min_width))
         else:
@@ -407,13 +397,12 @@ def allocate(model: nn.Module, example: torch.Tensor, spec: Union[Budgets, Mappi
         path = _greedy_path(em, mac_model, scores, spec.min_width, stop_fraction=0.0 if spec.kind == "latency_ms" else lowest * 0.5)
         plan = LevelPlan([], spec, path=path)
         if spec.kind == "macs":
-            plan.levels = [_fit_macs(em, path, v) for v in spec.values]
+            plan.levels = [_fit_macs(path, v, macs_of, full) for v in spec.values]
         else:
             plan.levels, plan.latency_ms = _fit_latency(em, path, spec)
-    full = em.count(1.0)[0]
     for chans in plan.levels:
-        n = em.count(chans)[0]
-        plan.macs.append(int(n))
+        n = macs_of(chans)
+        plan.macs.append(n)
         plan.macs_ratio.append(n / full)
     if spec.kind == "macs":
         for i, (budget, got) in enumerate(zip(spec.values, plan.macs_ratio)):
@@ -423,15 +412,15 @@ def allocate(model: nn.Module, example: torch.Tensor, spec: Union[Budgets, Mappi
     return plan
 
 
-def _fit_macs(em: Any, path: list[tuple[float, dict[str, int]]], budget: float) -> dict[str, int]:
-    """The first point of the path whose exact MACs (torch-pruning's count) fit ``budget``."""
-    full = em.count(1.0)[0]
+def _fit_macs(path: list[tuple[float, dict[str, int]]], budget: float, macs_of: Callable[[Mapping[str, int]], int],
+              full: int) -> dict[str, int]:
+    """The first point of the path whose exact MACs (``macs_of``: torch-pruning's count) fit ``budget`` of ``full``."""
     if budget >= 1.0:
         return dict(path[0][1])
     start = next((i for i, (frac, _) in enumerate(path) if frac <= budget), len(path) - 1)
     for i in range(start, len(path)):
         chans = path[i][1]
-        if em.count(chans)[0] <= budget * full:
+        if macs_of(chans) <= budget * full:
             return dict(chans)
     return dict(path[-1][1])
 

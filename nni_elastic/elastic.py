@@ -276,14 +276,7 @@ class ElasticModel(nn.Module):
         if kept is not None and any(kept[g.name] < g.size for g in self.graph.groups):
             scores = self._level_scores(importance, kept, data, loss_fn, failures)
         else:
-            if needs_grad:
-                self._accumulate_grads(data, loss_fn, importance=importance)
-            self._retrace_groups()
-            try:
-                scores = rank_channels(self.graph, importance, failures)
-            finally:
-                if needs_grad:
-                    self.model.zero_grad(set_to_none=True)
+            scores = self.channel_scores(importance, data=data, loss_fn=loss_fn, failures=failures)
         if failures:
             if self.unsupported == "error":
                 raise unsupported_error(failures)
@@ -303,6 +296,28 @@ class ElasticModel(nn.Module):
         for name, reason in reasons.items():
             self._demote(name, reason)
         return {k: v for k, v in perms.items() if k not in bad}
+
+    def channel_scores(
+        self,
+        importance: Union[str, ImportanceFn] = "l1",
+        *,
+        data: Optional[Iterable] = None,
+        loss_fn: Callable = F.cross_entropy,
+        failures: Optional[dict[str, str]] = None,
+    ) -> dict[str, torch.Tensor]:
+        """``{group: scores}`` of every channel on the current weights (gradients from ``data`` where
+        ``importance`` needs them; the model's weights, buffers and gradients are left as they were)."""
+        needs_grad = isinstance(importance, str) and importance in GRADIENT_IMPORTANCES
+        if needs_grad:
+            if data is None:
+                raise ValueError(f"importance {importance!r} needs gradients: pass data=<batches of (x, y)>")
+            self._accumulate_grads(data, loss_fn, importance=importance)
+        self._retrace_groups()
+        try:
+            return rank_channels(self.graph, importance, failures)
+        finally:
+            if needs_grad:
+                self.model.zero_grad(set_to_none=True)
 
     def _level_scores(
         self,

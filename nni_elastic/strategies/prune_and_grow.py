@@ -134,13 +134,11 @@ class PruneAndGrow(Strategy):
         budget = self.budget
         if budget.kind == "widths" and self.elastic.levels is not None:  # {widths: [...]} is plain widths
             self.elastic = dataclasses.replace(self.elastic, widths=list(budget.values), levels=None)
-        below_full = sum(1 for w in budget.values if budget.kind == "latency_ms" or w < 1.0)
-        if budget.kind == "latency_ms":
-            below_full = len(budget.values)  # any level may be below the full network on this device
+        # latency budgets: any level may be below the full network on this device
+        below_full = len(budget.values) if budget.kind == "latency_ms" else sum(1 for w in budget.values if w < 1.0)
         if self.options.prune_steps < max(1, below_full):
             raise ValueError(f"prune_steps={self.options.prune_steps!r} must be an integer >= {max(1, below_full)} "
                              f"(one step per level below the full network)")
-        self._targets: Optional[list[dict[str, int]]] = None  # budget levels: each prune step's channels
 
     @classmethod
     def num_levels(cls, options: PruneAndGrowOptions, elastic: ElasticOptions) -> Optional[int]:
@@ -372,7 +370,7 @@ class PruneAndGrow(Strategy):
 
     def _prune(self, em: ElasticModel, width: float, previous: Optional[float], data: _Data, index: int) -> dict[str, Any]:
         # the channels kept by the previous step (a pure function of the plan, so resume agrees)
-        prefix = em.channels_of(-1 if previous is None else self._level_of(em, dict(previous) if isinstance(previous, dict) else previous))
+        prefix = em.channels_of(-1 if previous is None else self._level_of(em, previous))
         em.reorder(self.elastic.importance, data=self._importance_data(data), prefix=prefix)  # re-score the channels still kept
         target = self._level_of(em, width)
         em.set_level(target)
