@@ -39,17 +39,12 @@ from nni_elastic.device import resolve_device
 from nni_elastic.strategies._base import first_batches
 from nni_elastic.training import TrainConfig, evaluate, train
 
+from bench_expansion import reinit  # noqa: E402  (benchmarks/ is the script's directory)
+
 
 def parse_spec(text: str) -> dict[str, Any]:
     kind, _, values = text.partition(":")
     return parse_levels({kind: [float(v) for v in values.split(",")]}, where="--levels").to_dict()
-
-
-def reinit(model: torch.nn.Module) -> torch.nn.Module:
-    for m in model.modules():
-        if hasattr(m, "reset_parameters") and m is not model:
-            m.reset_parameters()
-    return model
 
 
 def between(lo: dict[str, int], hi: dict[str, int], t: float) -> dict[str, int]:
@@ -103,8 +98,7 @@ def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, 
         row["latency_ms"] = em.measure_latency(index, batch_size=args.latency_batch, form="deploy")
     # twins: each trained level's architecture from scratch, same epochs and data order
     for i, row in enumerate(levels):
-        torch.manual_seed(seed)
-        twin = reinit(em.export(i))
+        twin = reinit(em.export(i), seed)
         t0 = time.time()
         train(twin, splits.train, None, cfg, device=device, quiet=args.quiet, desc=f"twin {i}")
         row["twin_accuracy"] = evaluate(twin, test, device=device)["accuracy"]
