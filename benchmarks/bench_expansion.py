@@ -111,10 +111,16 @@ def train_fixed(model: torch.nn.Module, splits, steps: int, args, seed: int, dev
 def growth_settings(args) -> dict:
     keys = ("criterion", "threshold", "tau", "size_lambda", "check_every", "warmup_steps", "grow_until",
             "max_expansions", "max_params", "candidate_top_k", "width_fraction", "lr_schedule", "candidates",
-            "new_layer_noise")
+            "new_layer_noise", "history", "history_per_step", "history_distill")
     out = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     out["candidates"] = out["candidates"].split(",")
+    if out.get("history_per_step") == 0:
+        out["history_per_step"] = None  # every history level at every step
     return out
+
+
+def arch_key(model: torch.nn.Module) -> tuple:
+    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
 
 
 def one_seed(args, splits, seed: int, device, out_dir: Path) -> dict:
@@ -126,31 +132,40 @@ def one_seed(args, splits, seed: int, device, out_dir: Path) -> dict:
                             lr=args.lr, seed=seed, device=args.device, quiet=True,
                             checkpoint_dir=out_dir / f"expansion_checkpoints/seed{seed}")
     start = time.time()
-    res = eg.fit(start_model, splits.train, splits.val).details
+    result = eg.fit(start_model, splits.train, splits.val)
+    res = result.details
     growth_s = time.time() - start
     total_steps = args.epochs * math.ceil(len(splits.train) / args.batch_size)
     example = splits.train[0][0].unsqueeze(0).to(device)
+    torch.manual_seed(seed)
+    start_arch = ne.create_model("growable_cnn", num_classes=splits.num_classes, in_channels=splits.in_channels,
+                                 channels=channels, blocks=[0] * len(channels))
+    key = (arch_key(start_arch), total_steps)
+    fs = train_fixed(start_arch, splits, total_steps, args, seed, device)
+    fixed_runs = {key: fs}  # one fixed network per architecture and steps (history="nested": level 0 is the start)
     levels = []
     for c in res.checkpoints:
         grown, _ = load_growth_checkpoint(c.path)
         acc = evaluate(grown, splits.test_set, device=device)["accuracy"]
-        fixed = train_fixed(reinit(grown, seed), splits, max(1, c.step), args, seed, device)
+        key = (arch_key(grown), max(1, c.step))
+        if key not in fixed_runs:
+            fixed_runs[key] = train_fixed(reinit(grown, seed), splits, max(1, c.step), args, seed, device)
+        fixed = fixed_runs[key]
         levels.append({"level": c.level, "params": c.params, "macs": c.macs, "step": c.step, "expansion": c.expansion,
+                       "closed_at": c.closed_at, "snapshot_accuracy": c.snapshot_accuracy,
                        "checkpoint_accuracy": acc, "fixed_accuracy_same_steps": fixed["accuracy"],
                        "fixed_seconds": fixed["seconds"]})
         print(f"  seed {seed} level {c.level}: {c.params} params, checkpoint {100 * acc:.2f} % after {c.step} steps, "
               f"fixed net of that size {100 * fixed['accuracy']:.2f} % after {c.step} steps", flush=True)
     final_model = res.model
     fixed_final = levels[-1]["fixed_accuracy_same_steps"]
-    torch.manual_seed(seed)
-    start_arch = ne.create_model("growable_cnn", num_classes=splits.num_classes, in_channels=splits.in_channels,
-                                 channels=channels, blocks=[0] * len(channels))
-    fs = train_fixed(start_arch, splits, total_steps, args, seed, device)
     row = {"seed": seed, "grown_final": levels[-1]["checkpoint_accuracy"], "fixed_final": fixed_final,
            "fixed_start": fs["accuracy"], "params_final": levels[-1]["params"], "params_start": levels[0]["params"],
            "macs_final": count_macs(final_model.to(device), example), "macs_start": levels[0]["macs"],
            "steps": total_steps, "growth_seconds": growth_s, "fixed_start_seconds": fs["seconds"],
            "fixed_final_seconds": levels[-1]["fixed_seconds"], "expansions": [e["name"] for e in res.expansions],
+           # training compute (forward MACs x samples, checks excluded) against the fixed final network's
+           "compute_vs_fixed_final": result.compute["full_epochs"] / args.epochs,
            "expansion_steps": [e["step"] for e in res.expansions], "levels": levels, "checks": eg.checks_}
     gap = row["fixed_final"] - row["fixed_start"]
     row["within_1pp_of_fixed_final"] = row["grown_final"] >= row["fixed_final"] - 0.01
@@ -229,6 +244,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr-schedule", default=None)
     p.add_argument("--new-layer-noise", type=float, default=None)
     p.add_argument("--candidates", default="depth,width")
+    p.add_argument("--history", default=None, help="snapshot | nested")
+    p.add_argument("--history-per-step", type=int, default=None, help="0: every history level at every step")
+    p.add_argument("--history-distill", type=float, default=None)
     p.add_argument("--cost-repeats", type=int, default=5)
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--skip-growth", action="store_true")

@@ -98,6 +98,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..checkpoint import atomic_save, growth_payload, read_growth
 from ..device import resolve_device
 from ..distributed import from_main
+from ..expansion.nested import NestedLevel, choose_levels, nested_step
 from ..expansion.ops import ParamChange, add_block, update_optimizer, widen_group
 from ..expansion.score import DiagonalFisher, FisherGram, _check_inputs, per_sample_gradients
 from ..elastic import ElasticModel
@@ -116,6 +117,7 @@ CANDIDATE_KINDS = ("depth", "width")
 CRITERIA = ("gain", "ratio", "secnn")
 WIDTH_SCOPES = ("group", "stage")
 LR_SCHEDULES = ("global", "cycles")
+HISTORY_MODES = ("snapshot", "nested")
 
 
 @dataclass
@@ -130,6 +132,8 @@ class GrowthCheckpoint:
     epoch: int
     path: Optional[str]
     expansion: Optional[str] = None  # the expansion that ended this level (None for the final model)
+    closed_at: Optional[int] = None  # the optimizer step of that expansion (history="nested": ``step`` is the run's end)
+    snapshot_accuracy: Optional[float] = None  # history="nested": the level's accuracy when it was closed
 
 
 @dataclass
@@ -248,6 +252,9 @@ class ExpansionGrowthOptions:
     new_layer_noise: float = option(0.0, ge=0)
     lr_schedule: str = option("global", choices=LR_SCHEDULES)
     checkpoint_bn_batches: int = option(20, ge=0)
+    history: str = option("snapshot", choices=HISTORY_MODES)
+    history_per_step: Optional[int] = option(1, ge=1)
+    history_distill: float = option(1.0, ge=0, le=1)
 
     def __post_init__(self) -> None:
         self.candidates = list(self.candidates)
@@ -273,6 +280,11 @@ class GrowthState:
     scored: Optional[tuple[str, nn.Module]] = None  # the last check's best candidate, as scored
     cooldown_left: int = 0
     segment: tuple[int, int] = (0, 1)  # lr_schedule="cycles": the current cosine cycle's first and last step
+    levels: list[NestedLevel] = field(default_factory=list)  # history="nested": the earlier architectures
+    level_macs: list[int] = field(default_factory=list)
+    model_macs: int = 0
+    steps_done: int = 0
+    mac_samples: float = 0.0  # forward MACs x samples of the training steps (checks not included)
 
 
 @register_strategy("expansion_growth")
@@ -313,6 +325,15 @@ class ExpansionGrowth(Strategy):
             rate is re-warmed after an expansion); after the last possible growth one cycle to the end.
         checkpoint_bn_batches: intermediate checkpoints get BatchNorm statistics recomputed on this
             many training batches (a copy; 0: the running statistics as they are).
+        history: ``"snapshot"``: an intermediate checkpoint is the model as it was when an
+            expansion closed its level; ``"nested"``: each closed level stays a nested
+            sub-network of the growing model (a channel prefix, added blocks skipped) and keeps
+            training with it until the end (in-place distillation from the grown model); its
+            checkpoint holds its final weights (:mod:`nni_elastic.expansion.nested`).
+        history_per_step: ``"nested"``: history levels trained per optimizer step, in turn
+            (default 1; ``None``: all of them every step).
+        history_distill: ``"nested"``: share of distillation in a history level's loss
+            (1: the grown model's soft predictions only; 0: the labels only).
         epochs: training epochs.
         lr, batch_size, optimizer, momentum, weight_decay, seed: training settings (or ``train=TrainConfig(...)``).
         device, quiet, checkpoint_dir, on_step_end: as for every strategy
@@ -552,6 +573,8 @@ class ExpansionGrowth(Strategy):
             model, saved = self._load_state(model, device)
             start_epoch = saved["epoch"] if saved else 0
         st.model = model
+        st.model_macs = count_macs(model, example)
+        st.steps_done = start_epoch * steps_per_epoch
         total_steps = cfg.epochs * steps_per_epoch
         planned = self._planned_checks(total_steps)
         opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
@@ -579,11 +602,15 @@ class ExpansionGrowth(Strategy):
             self._notify(StepInfo(f"epoch_{epoch + 1}", epoch, cfg.epochs, record.get("val_accuracy"),
                                   {"params": _num_params(st.model), "expansions": len(st.expansions)}))
 
-        train(model, train_data, val_data, cfg, device=device, quiet=self.quiet, desc="grow",
+        train(model, train_data, val_data, cfg, step=self._train_step, device=device, quiet=self.quiet, desc="grow",
               after_step=after_step, on_epoch_end=on_epoch_end, optimizer=opt, scheduler=sched, start_epoch=start_epoch)
         if not st.checkpoints or st.checkpoints[-1].expansion is not None:  # the final level
             self._checkpoint(total_steps, cfg.epochs, None)
+        self._export_nested(total_steps, cfg.epochs)
         self.report_ = [asdict(c) for c in st.checkpoints]
+        # in epochs of the final model (a fixed network of the final size trained as long: cfg.epochs)
+        self.compute_ = {"mac_samples": st.mac_samples,
+                         "full_epochs": st.mac_samples / max(1, st.model_macs * num_samples(train_data))}
         widths_only = all(e["kind"] == "width" for e in st.expansions)
         growth = GrowthResult(st.model.eval(), list(st.checkpoints), list(st.expansions), list(st.history), widths_only)
         return self._result(growth, example_inputs)
@@ -597,7 +624,8 @@ class ExpansionGrowth(Strategy):
             example = example_inputs if example_inputs is not None else self.state_.example
             em = fitted.elastic_model(example.to(self.state_.device))
         records = {"expansions": fitted.expansions, "checks": self.checks_}
-        return StrategyResult(elastic_model=em, rows=rows, checkpoints=[asdict(c) for c in fitted.checkpoints],
+        return StrategyResult(elastic_model=em, rows=rows, compute=dict(self.compute_),
+                              checkpoints=[asdict(c) for c in fitted.checkpoints],
                               records=records, model=fitted.model, metadata={"growth": rows}, details=fitted)
 
     def _budget_reached(self) -> bool:
@@ -657,7 +685,11 @@ class ExpansionGrowth(Strategy):
             return
         graph_before = {g.name: g.size for g in build_channel_graph(model, st.example).groups}
         self._checkpoint(step, step // max(1, st.steps_per_epoch), best)
+        if self.options.history == "nested":  # the level just closed stays inside the model and keeps training
+            st.levels.append(NestedLevel(copy.deepcopy(model)))
+            st.level_macs.append(st.checkpoints[-1].macs)
         self.expand(model, best, optimizer)
+        st.model_macs = count_macs(model, st.example)
         st.scored = None
         st.cooldown_left = self.options.cooldown
         graph_after = {g.name: g.size for g in build_channel_graph(model, st.example).groups}
@@ -665,6 +697,29 @@ class ExpansionGrowth(Strategy):
                               "eta_candidate": chosen["eta"], "gain": chosen["gain"], "ratio": chosen["ratio"],
                               "params": _num_params(model), "channels_before": graph_before,
                               "channels_after": graph_after})
+
+    def _train_step(self, net: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step's loss and backward: the model on the labels, plus (``history="nested"``) history levels in turn."""
+        o, st = self.options, self.state_
+        chosen = choose_levels(len(st.levels), st.steps_done, o.history_per_step)
+        st.steps_done += 1
+        st.mac_samples += float(x.shape[0]) * (st.model_macs + sum(st.level_macs[i] for i in chosen))
+        return nested_step(net, [st.levels[i] for i in chosen], x, y, distill=o.history_distill, base=st.model)
+
+    def _export_nested(self, total_steps: int, epochs: int) -> None:
+        """``history="nested"``: every history level's checkpoint becomes the level with its final weights (same files, same format)."""
+        st = self.state_
+        for i, level in enumerate(st.levels):
+            c = st.checkpoints[i]
+            model = level.export(st.model)
+            if self.options.checkpoint_bn_batches:
+                model = self._recalibrated(model)
+            acc = evaluate(model, st.val_data, device=st.device)["accuracy"]
+            meta = {"level": c.level, "params": c.params, "macs": c.macs, "accuracy": acc, "step": total_steps,
+                    "epoch": epochs, "expansion": c.expansion, "closed_at": c.step, "snapshot_accuracy": c.accuracy}
+            if self.checkpoint_dir is not None:
+                atomic_save(growth_payload(model, meta), self.checkpoint_dir / f"level{c.level}.pt")
+            st.checkpoints[i] = GrowthCheckpoint(path=c.path, **meta)
 
     def _recalibrated(self, model: nn.Module) -> nn.Module:
         """A copy of ``model`` whose BatchNorm statistics are recomputed on ``checkpoint_bn_batches`` training batches.
@@ -723,6 +778,7 @@ class ExpansionGrowth(Strategy):
             scheduler=sched.state_dict(), checkpoints=[asdict(c) for c in st.checkpoints],
             expansions=st.expansions, history=st.history, checks=st.num_checks, config=self.config(),
             cooldown_left=st.cooldown_left, segment=list(st.segment),
+            nested_buffers=[lv.buffers() for lv in st.levels], level_macs=list(st.level_macs), mac_samples=st.mac_samples,
         ), self.checkpoint_dir / "state.pt")
 
     def _load_state(self, model: nn.Module, device: torch.device) -> tuple[nn.Module, Optional[dict]]:
@@ -741,6 +797,13 @@ class ExpansionGrowth(Strategy):
         st.expansions, st.history, st.num_checks = list(saved["expansions"]), list(saved["history"]), saved["checks"]
         st.cooldown_left = int(saved.get("cooldown_left", 0))
         st.segment = tuple(saved.get("segment", (0, 1)))
+        st.mac_samples = float(saved.get("mac_samples", 0.0))
+        st.level_macs = list(saved.get("level_macs", []))
+        for c, buffers in zip(st.checkpoints, saved.get("nested_buffers", [])):  # the history levels' architectures
+            skeleton, _ = read_growth(c.path, model=None if getattr(model, "nni_elastic_arch", None) else copy.deepcopy(model))
+            level = NestedLevel(skeleton.to(device))
+            level.load_buffers(buffers)
+            st.levels.append(level)
         return model, saved
 
     def _restore_optimizer(self, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, state: dict) -> None:
