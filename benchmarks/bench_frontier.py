@@ -38,6 +38,7 @@ from nni_elastic.budget import parse_levels
 from nni_elastic.device import resolve_device
 from nni_elastic.strategies._base import first_batches
 from nni_elastic.training import TrainConfig, evaluate, train
+from torch.utils.data import Subset
 
 from bench_expansion import reinit  # noqa: E402  (benchmarks/ is the script's directory)
 
@@ -71,12 +72,16 @@ def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, 
     model = ne.create_model(model_name, num_classes=splits.num_classes, in_channels=splits.in_channels)
     spec = parse_spec(args.levels)
     level_kw = {"widths": spec["widths"]} if "widths" in spec else {"levels": spec}
-    pg = ne.PruneAndGrow(**level_kw, pretrain_epochs=args.epochs, prune_steps=args.prune_steps,
-                         finetune_epochs=args.finetune_epochs, grow_epochs=args.grow_epochs, grow_mode=args.grow_mode,
+    pretrain = args.epochs if args.pretrain_epochs is None else args.pretrain_epochs
+    pg = ne.PruneAndGrow(**level_kw, pretrain_epochs=pretrain, prune_steps=args.prune_steps,
+                         finetune_epochs=args.finetune_epochs, grow_epochs=args.grow_epochs,
+                         final_grow_epochs=args.final_grow_epochs, grow_lr=args.grow_lr, grow_mode=args.grow_mode,
                          importance=args.importance, lr=args.lr, batch_size=args.batch_size, seed=seed, device=device,
                          quiet=args.quiet)
+    # the validation split only reports progress inside fit (nothing is selected on it): a part is enough
+    val = Subset(splits.val, range(min(args.val_limit, len(splits.val)))) if args.val_limit else splits.val
     start = time.time()
-    em = pg.fit(model, splits.train, splits.val, example_inputs=splits.example_inputs()).elastic_model
+    em = pg.fit(model, splits.train, val, example_inputs=splits.example_inputs()).elastic_model
     seconds = time.time() - start
     full_macs = em.levels[-1].macs
     trained = len(em.levels)
@@ -98,6 +103,10 @@ def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, 
         row["latency_ms"] = em.measure_latency(index, batch_size=args.latency_batch, form="deploy")
     # twins: each trained level's architecture from scratch, same epochs and data order
     for i, row in enumerate(levels):
+        if args.no_twins:
+            print(f"  {model_name} seed {seed} level {i}: MACs {row['macs_ratio']:.3f}, elastic {100 * row['accuracy']:.2f}",
+                  flush=True)
+            continue
         twin = reinit(em.export(i), seed)
         t0 = time.time()
         train(twin, splits.train, None, cfg, device=device, quiet=args.quiet, desc=f"twin {i}")
@@ -219,6 +228,11 @@ def main(argv=None) -> int:
     p.add_argument("--prune-steps", type=int, default=3)
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--grow-epochs", type=int, default=1)
+    p.add_argument("--pretrain-epochs", type=int, default=None, help="default: --epochs")
+    p.add_argument("--final-grow-epochs", type=int, default=None, help="the last (joint: all levels) grow step; default --grow-epochs")
+    p.add_argument("--grow-lr", type=float, default=None, help="default: the strategy's (lr / 2)")
+    p.add_argument("--val-limit", type=int, default=2000, help="validation samples fit reports on (0: all)")
+    p.add_argument("--no-twins", action="store_true", help="elastic levels only (quick iteration)")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--latency-batch", type=int, default=64)
@@ -240,18 +254,20 @@ def main(argv=None) -> int:
             splits = ne.data.load_dataset(args.data, root=args.data_root, limit=args.limit, seed=seed)
             test = splits.test if splits.test is not None else splits.val
             entry["runs"].append(run_seed(name, seed, args, splits, test, device))
-            entry["summary"] = summarize(entry["runs"])
+            if not args.no_twins:
+                entry["summary"] = summarize(entry["runs"])
             entry.update(train_samples=len(splits.train), test_samples=len(test))
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"args": vars(args), "device": str(device), "torch": torch.__version__,
                                        "date": time.strftime("%Y-%m-%d"), "results": results}, indent=2))
-        if entry["runs"]:
+        if entry["runs"] and not args.no_twins:
             entry["summary"] = summarize(entry["runs"])
             tables.append(table(name, entry["summary"], args, entry["train_samples"], entry["test_samples"]))
     text = "\n".join(tables)
     print(text)
-    out.with_suffix(".md").write_text(text + "\n")
-    plot(results, out.with_suffix(".png"))
+    if not args.no_twins:
+        out.with_suffix(".md").write_text(text + "\n")
+        plot(results, out.with_suffix(".png"))
     return 0
 
 

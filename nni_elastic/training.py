@@ -94,12 +94,15 @@ def plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return loss.detach()
 
 
-def elastic_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, levels: Optional[Sequence[int]] = None) -> torch.Tensor:
+def elastic_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, levels: Optional[Sequence[int]] = None,
+                 extra: Sequence[Any] = ()) -> torch.Tensor:
     """Sandwich-rule step over an ``ElasticModel``'s levels with in-place distillation.
 
     The largest level is trained on the labels; each other level (all of them by default) is
     trained to match the largest level's detached soft predictions. Gradients accumulate over
     levels before one optimizer step; every level updates its own BatchNorm statistics.
+    ``extra``: ad-hoc configurations (``{group: channels}`` dicts or widths, e.g. random points
+    between two levels) distilled the same way; they update the ad-hoc BatchNorm row only.
     Returns the largest level's loss.
     """
     order = list(range(model.num_levels)) if levels is None else list(levels)
@@ -113,6 +116,9 @@ def elastic_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, levels: Opt
         if i != largest:
             with model.use_level(i):
                 F.kl_div(model(x).log_softmax(dim=1), soft, reduction="batchmean").backward()
+    for config in extra:
+        with model.use_level(config):
+            F.kl_div(model(x).log_softmax(dim=1), soft, reduction="batchmean").backward()
     return loss.detach()
 
 

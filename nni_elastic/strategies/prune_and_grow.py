@@ -72,6 +72,8 @@ class PruneAndGrowOptions:
     prune_steps: int = option(3, gt=0)
     finetune_epochs: int = option(1, ge=0)
     grow_epochs: int = option(2, ge=0)
+    final_grow_epochs: Optional[int] = option(None, ge=0)
+    path_samples: int = option(0, ge=0)
     grow_mode: str = option("joint", choices=GROW_MODES)
     regrow: str = option("restore", choices=REGROW_MODES)
     finetune_lr: Optional[float] = option(None, gt=0)
@@ -98,6 +100,14 @@ class PruneAndGrow(Strategy):
         pretrain_epochs: epochs of training the full network first (0 for a trained model).
         finetune_epochs: fine-tuning epochs after each pruning step.
         grow_epochs: training epochs per rebuilt level.
+        final_grow_epochs: epochs of the last grow step (the largest level; with
+            ``grow_mode="joint"`` every level trains in it by the sandwich rule); default
+            ``grow_epochs``. A short pretraining and a long final joint step spend the compute
+            where all levels share it (see benchmarks/README.md, frontier).
+        path_samples: with ``grow_mode="joint"``, random points between two consecutive levels
+            (each group's channels interpolated at one random fraction) also trained per batch,
+            distilled from the largest level as the levels are; so ``ElasticModel.add_level``
+            points between levels are trained points, not untrained combinations.
         grow_mode: ``"joint"`` (sandwich rule over the levels built so far) or ``"freeze"``
             (only the new channels train; smaller levels stay bit-identical).
         regrow: ``"restore"`` the pruned weights or ``"reinit"`` the re-enabled channels.
@@ -300,7 +310,8 @@ class PruneAndGrow(Strategy):
         """The strategy's settings as plain data (stored in checkpoints)."""
         o, t, e = self.options, self.train, self.elastic
         out = {"widths": e.widths, "levels": e.levels, "prune_steps": o.prune_steps, "pretrain_epochs": o.pretrain_epochs,
-               "finetune_epochs": o.finetune_epochs, "grow_epochs": o.grow_epochs, "grow_mode": o.grow_mode,
+               "finetune_epochs": o.finetune_epochs, "grow_epochs": o.grow_epochs,
+               "final_grow_epochs": o.final_grow_epochs, "path_samples": o.path_samples, "grow_mode": o.grow_mode,
                "regrow": o.regrow, "lr": t.lr, "finetune_lr": self.finetune_lr, "grow_lr": self.grow_lr,
                "batch_size": t.batch_size, "optimizer": t.optimizer, "momentum": t.momentum,
                "weight_decay": t.weight_decay, "bn": e.bn, "round_to": e.round_to,
@@ -395,14 +406,27 @@ class PruneAndGrow(Strategy):
             trainable, step, levels = fresh, plain_step, [level]
         else:
             trainable, levels = new, list(range(level + 1))
-            step = lambda m, x, y: elastic_step(m, x, y, levels=levels)  # noqa: E731
+            points = _PathPoints([em.channels_of(i) for i in levels], {g.name: g.size for g in em.graph.groups},
+                                 self.options.path_samples, self.train.seed + 1000 * index)
+            step = lambda m, x, y: elastic_step(m, x, y, levels=levels, extra=points())  # noqa: E731
         guard = ParameterGuard(em.model, trainable)
-        epochs = self.options.grow_epochs
+        epochs = self._grow_epochs(level, em.num_levels)
         hist = train(em, data.train, data.val, self._cfg(epochs, self.grow_lr, index),
                      step=step, params=guard.params, after_step=guard, device=data.device, quiet=self.quiet,
                      desc=f"grow level {level}")
-        self.records_["compute_full_epochs"] += epochs * sum(self._macs_ratio(em, i) for i in levels)
+        ratios = [self._macs_ratio(em, i) for i in levels]
+        path = 0.0
+        if self.options.grow_mode == "joint" and self.options.path_samples:
+            # a point's MACs are at most linear in its interpolation fraction (convex in the channels):
+            # a gap's mean point costs at most the mean of its two ends
+            gaps = [(lo + hi) / 2 for lo, hi in zip(ratios, ratios[1:])]
+            path = self.options.path_samples * sum(gaps) / len(gaps)
+        self.records_["compute_full_epochs"] += epochs * (sum(ratios) + path)
         return {"level": level, "val_accuracy": hist.last.get("val_accuracy")}
+
+    def _grow_epochs(self, level: int, num_levels: int) -> int:
+        final = self.options.final_grow_epochs
+        return final if final is not None and level == num_levels - 1 else self.options.grow_epochs
 
     def _calibrate(self, em: ElasticModel, data: _Data) -> dict[str, Any]:
         levels = self._stale_levels(em)
@@ -424,8 +448,8 @@ class PruneAndGrow(Strategy):
         (or the one set of statistics) that the others read. ``grow_mode="freeze"`` with per-level
         statistics: a level's statistics row is final once the level has trained on its own at its
         final weights, the core in the last pruning step (``finetune_epochs > 0``) and each grown
-        level in its grow step (``grow_epochs > 0``); afterwards its weights are frozen and only the
-        growing level runs train-mode forwards, which update only its own row. Recalibrating such
+        level in its grow step (``grow_epochs``, or ``final_grow_epochs`` for the last, > 0);
+        afterwards its weights are frozen and only the growing level runs train-mode forwards, which update only its own row. Recalibrating such
         a level would change its outputs after its build step, which freeze mode promises not to
         do, so only levels that never trained on their own (zero epochs) are calibrated.
         """
@@ -436,9 +460,7 @@ class PruneAndGrow(Strategy):
         full = {g.name: g.size for g in em.graph.groups}
         core_trained = self.options.finetune_epochs > 0 and em.levels_[0].channels != full
         stale = [] if core_trained else [0]
-        if self.options.grow_epochs == 0:
-            stale += every[1:]
-        return stale
+        return stale + [i for i in every[1:] if self._grow_epochs(i, em.num_levels) == 0]
 
     def _build_report(self, em: ElasticModel, data: _Data) -> None:
         accuracy = (self.records_.get("level_accuracy")
@@ -492,6 +514,30 @@ def _insert_points(values: Sequence[float], steps: int) -> list[float]:
         _, hi, lo = max(gaps)
         inserted.append(math.sqrt(hi * lo))
     return sorted(set(levels + inserted), reverse=True)
+
+
+class _PathPoints:
+    """Random configurations on the path between consecutive levels (``path_samples``), reproducible by seed.
+
+    A point picks a gap between two consecutive levels uniformly and one fraction ``t`` in [0, 1):
+    every group keeps ``lo + t * (hi - lo)`` channels (rounded), so points are nested between the
+    two levels as :meth:`ElasticModel.add_level` points between them are.
+    """
+
+    def __init__(self, channels: Sequence[dict[str, int]], sizes: dict[str, int], count: int, seed: int) -> None:
+        self.channels, self.sizes, self.count = list(channels), sizes, count
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self) -> list[dict[str, Union[int, float]]]:
+        out = []
+        for _ in range(self.count if len(self.channels) > 1 else 0):
+            i = int(torch.randint(len(self.channels) - 1, (1,), generator=self.generator))
+            t = float(torch.rand((), generator=self.generator))
+            lo, hi = self.channels[i], self.channels[i + 1]
+            # a count of 1 would read as the width 1.0 (the whole group): give it as a fraction
+            out.append({g: (k if k != 1 else 1.0 / self.sizes[g]) for g in lo
+                        for k in [int(round(lo[g] + (hi[g] - lo[g]) * t))]})
+        return out
 
 
 @dataclass

@@ -1,0 +1,106 @@
+"""Prune-and-grow's compute split: a long final joint step (``final_grow_epochs``) and path points (``path_samples``)."""
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+
+import nni_elastic as ne
+import nni_elastic.strategies.prune_and_grow as pg_module
+from nni_elastic.config import RecipeError, load_recipe
+
+FAST = dict(widths=(0.25, 0.5, 1.0), pretrain_epochs=1, prune_steps=2, finetune_epochs=1, batch_size=32,
+            calibrate_batches=2, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return ne.data.load_dataset("digits", limit=300)
+
+
+def fresh_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return ne.create_model("resnet20", num_classes=10, in_channels=1)
+
+
+def spy_steps(pg: ne.PruneAndGrow, digits) -> list[tuple[tuple[int, ...], list[dict]]]:
+    """Fit ``pg`` and return the (levels, extra points) of every joint training batch."""
+    calls = []
+    real = pg_module.elastic_step
+
+    def spy(model, x, y, levels=None, extra=()):
+        calls.append((tuple(levels), [dict(e) for e in extra]))
+        return real(model, x, y, levels=levels, extra=extra)
+
+    with mock.patch.object(pg_module, "elastic_step", spy):
+        pg.fit(fresh_model(), digits.train, digits.val)
+    return calls
+
+
+def test_final_grow_epochs_trains_only_the_last_step(digits):
+    pg = ne.PruneAndGrow(grow_epochs=0, final_grow_epochs=2, **FAST)
+    calls = spy_steps(pg, digits)
+    batches = -(-len(digits.train) // 32)
+    assert calls and {levels for levels, _ in calls} == {(0, 1, 2)}  # the 0.5 grow step did not train
+    assert len(calls) == 2 * batches
+    assert pg.config()["final_grow_epochs"] == 2
+    ratios = [lv.macs / pg.elastic_model_.levels[-1].macs for lv in pg.elastic_model_.levels]
+    finetune = sum(r for r in ratios[:-1])  # one epoch at each pruned width (0.5 then 0.25)
+    assert pg.compute_["full_epochs"] == pytest.approx(1 + finetune + 2 * sum(ratios))
+
+
+def test_final_grow_epochs_defaults_to_grow_epochs(digits):
+    pg = ne.PruneAndGrow(grow_epochs=1, **FAST)
+    assert pg._grow_epochs(1, 3) == pg._grow_epochs(2, 3) == 1
+    pg = ne.PruneAndGrow(grow_epochs=1, final_grow_epochs=0, **FAST)
+    assert (pg._grow_epochs(1, 3), pg._grow_epochs(2, 3)) == (1, 0)
+
+
+def test_freeze_mode_calibrates_a_last_level_that_never_trained():
+    pg = ne.PruneAndGrow(grow_mode="freeze", grow_epochs=1, final_grow_epochs=0, **FAST)
+    em = mock.Mock(num_levels=3, bn_mode="per_level", graph=mock.Mock(groups=[]), levels_=[mock.Mock(channels={"g": 1})])
+    assert pg._stale_levels(em) == [2]
+
+
+def test_path_points_are_nested_between_consecutive_levels_and_reproducible():
+    chans = [{"a": 2, "b": 4}, {"a": 6, "b": 8}, {"a": 16, "b": 32}]
+    sizes = {"a": 16, "b": 32}
+    first = pg_module._PathPoints(chans, sizes, 3, seed=7)
+    points = [p for _ in range(50) for p in first()]
+    assert len(points) == 150
+    again = pg_module._PathPoints(chans, sizes, 3, seed=7)
+    assert points == [p for _ in range(50) for p in again()]
+    inside = 0
+    for p in points:
+        assert any(all(lo[g] <= p[g] <= hi[g] for g in p) for lo, hi in zip(chans, chans[1:])), p
+        inside += p not in chans
+    assert inside > 100  # mostly new configurations, not the levels themselves
+    assert pg_module._PathPoints(chans[:1], sizes, 3, seed=0)() == []
+
+
+def test_path_samples_train_points_between_levels_and_count_their_compute(digits):
+    pg = ne.PruneAndGrow(grow_epochs=0, final_grow_epochs=1, path_samples=2, **FAST)
+    calls = spy_steps(pg, digits)
+    em = pg.elastic_model_
+    chans = [lv.channels for lv in em.levels]
+    assert calls and all(len(extra) == 2 for _, extra in calls)
+    for _, extra in calls:
+        for point in extra:
+            c = em.channels_of(point)
+            assert any(all(lo[g] <= c[g] <= hi[g] for g in c) for lo, hi in zip(chans, chans[1:]))
+    plain = ne.PruneAndGrow(grow_epochs=0, final_grow_epochs=1, **FAST)
+    assert all(extra == [] for _, extra in spy_steps(plain, digits))
+    assert pg.compute_["full_epochs"] > plain.compute_["full_epochs"]
+    assert pg.config()["path_samples"] == 2
+
+
+def test_recipe_keys_and_their_errors(tmp_path):
+    recipe = load_recipe("strategies/prune_and_grow/digits.yaml",
+                         overrides={"strategy.final_grow_epochs": 4, "strategy.path_samples": 1})
+    assert recipe.strategy.final_grow_epochs == 4 and recipe.strategy.path_samples == 1
+    for key, bad in (("strategy.final_grow_epochs", -1), ("strategy.path_samples", -2)):
+        with pytest.raises(RecipeError, match=key.split(".")[1]):
+            load_recipe("strategies/prune_and_grow/digits.yaml", overrides={key: bad})
+    with pytest.raises(ValueError, match="path_samples=-1"):
+        ne.PruneAndGrow(path_samples=-1)
