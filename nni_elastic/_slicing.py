@@ -43,25 +43,19 @@ _STATS = ("running_mean", "running_var")
 
 
 class LevelState:
-    """The active level, shared by every sliced module of one elastic model.
+    """The active level, shared by every sliced module of one elastic model."""
 
-    ``fresh`` is set by ``ElasticModel.forward`` for the duration of a forward whose level's
-    precomputed inference forms it has just checked, so modules need not check them again.
-    """
-
-    __slots__ = ("index", "bn_row", "fresh")
+    __slots__ = ("index", "bn_row")
 
     def __init__(self) -> None:
         self.index = 0
         self.bn_row = 0
-        self.fresh = False
 
     def __getstate__(self) -> tuple[int, int]:
         return (self.index, self.bn_row)
 
     def __setstate__(self, state: tuple[int, int]) -> None:
         self.index, self.bn_row = state
-        self.fresh = False
 
 
 def take(t: Optional[torch.Tensor], sel: Selector, dim: int) -> Optional[torch.Tensor]:
@@ -208,44 +202,6 @@ class _Sliced:
     _ne_original: type
 
 
-@dataclass
-class FastSpec:
-    """A level precomputed for inference (see ``ElasticModel.prepare_inference``).
-
-    Attributes:
-        tensors: ready tensors (sliced, contiguous, BatchNorm folded in) by parameter/buffer name.
-        attrs: channel-count attributes, as in :class:`SliceSpec`.
-        identity: the module was folded into the layer before it: its forward returns its input.
-        sources: ``(tensor, version)`` of every tensor the precomputation read; if one has changed
-            since (training, calibration), the module runs its ordinary sliced forward instead.
-    """
-
-    tensors: dict[str, torch.Tensor]
-    attrs: dict[str, Any]
-    identity: bool
-    sources: tuple[tuple[torch.Tensor, int], ...]
-
-    def __post_init__(self) -> None:
-        self._tensors = tuple(t for t, _ in self.sources)
-        self._versions = tuple(v for _, v in self.sources)
-
-    def fresh(self) -> bool:
-        return tuple(t._version for t in self._tensors) == self._versions
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
-
-def set_fast(module: nn.Module, slot: int, fast: Optional[FastSpec]) -> None:
-    """Set (or with ``None`` drop) the precomputed inference form of a sliced module for one slot."""
-    table = module.__dict__.setdefault("_ne_fast", {})
-    if fast is None:
-        table.pop(slot, None)
-    else:
-        table[slot] = fast
-
-
 def _put(module: nn.Module, tensors: dict[str, torch.Tensor], attrs: dict[str, Any]) -> tuple[dict, dict, dict]:
     """Put ``tensors`` (by parameter/buffer name) and ``attrs`` in place; returns what they replaced."""
     params, buffers, own = module._parameters, module._buffers, module.__dict__
@@ -264,25 +220,10 @@ def _restore(module: nn.Module, saved: tuple[dict, dict, dict]) -> None:
     module.__dict__.update(saved[2])
 
 
-def _fast_forward(self: Any, base: Any, fast: FastSpec, args: tuple, kwargs: dict) -> Any:
-    if fast.identity:
-        return args[0]
-    saved = _put(self, fast.tensors, fast.attrs)
-    try:
-        return base(self, *args, **kwargs)
-    finally:
-        _restore(self, saved)
-
-
 def _sliced_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     base = self._ne_original.forward
     if self.__dict__.get("_ne_active"):  # re-entered from its own forward: already sliced
         return base(self, *args, **kwargs)
-    fast_table = self.__dict__.get("_ne_fast")
-    if fast_table and not self.training and not torch.is_grad_enabled():
-        fast = fast_table.get(self._ne_state.index)
-        if fast is not None and (self._ne_state.fresh or fast.fresh()):
-            return _fast_forward(self, base, fast, args, kwargs)
     spec: SliceSpec = self._ne_specs[self._ne_state.index]
     rows = "level_running_mean" in self._buffers
     if spec.is_full and not rows:
@@ -421,7 +362,7 @@ def make_plain(module: nn.Module, bn_row: int) -> None:
         for name in ("level_running_mean", "level_running_var", "level_num_batches_tracked"):
             delattr(module, name)
         module.running_mean, module.running_var, module.num_batches_tracked = mean, var, count
-    for name in ("_ne_specs", "_ne_state", "_ne_active", "_ne_fast"):
+    for name in ("_ne_specs", "_ne_state", "_ne_active"):
         module.__dict__.pop(name, None)
     module.__class__ = module.__dict__.pop("_ne_original")
 

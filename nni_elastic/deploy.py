@@ -127,8 +127,9 @@ def deploy(
         example_inputs: a batch of the size it will serve (the memory format is timed on it).
         fold: fold BatchNorm into the layer before it.
         memory_format: ``"auto"`` (measure), ``"contiguous"`` or ``"channels_last"``.
-        compile: also ``torch.compile`` it (compiled on ``example_inputs`` now); when no compiler
-            works here, the uncompiled copy is returned with a warning saying so.
+        compile: also ``torch.compile`` it with inductor's weight freezing (compiled on
+            ``example_inputs`` now; for inference without gradients); when no compiler works
+            here, the uncompiled copy is returned with a warning saying so.
 
     The copy records its choices in ``nni_elastic_deploy`` (folded pairs, memory format); with
     channels-last weights, feed channels-last inputs (``x.contiguous(memory_format=torch.channels_last)``).
@@ -148,7 +149,8 @@ def deploy(
     if compile:
         x = example_inputs.contiguous(memory_format=torch.channels_last) if memory_format == "channels_last" else example_inputs
         try:
-            compiled = torch.compile(out)
+            # freezing: weights become constants, so the compiler folds and prepacks them (inference only)
+            compiled = torch.compile(out, options={"freezing": True})
             with torch.no_grad():
                 compiled(x)  # compile now, so a missing compiler shows here and not in production
         except Exception as exc:  # no C++ compiler, an unsupported op, ...: say what happened

@@ -421,7 +421,7 @@ class ElasticModel(nn.Module):
         for name, spec in self._specs(channels).items():
             module = self.model.get_submodule(name)
             _slicing.set_specs(module, slot, spec)
-            _slicing.set_fast(module, slot, None)  # a precomputed inference form of the old spec is void
+        self._drop_forms(slot)  # a prepared inference form of the old spec is void
 
     def _specs(self, channels: Mapping[str, int]) -> dict[str, _slicing.SliceSpec]:
         """How every sliced module runs at a level ``{group: k}``."""
@@ -592,7 +592,7 @@ class ElasticModel(nn.Module):
             module = self.model.get_submodule(name)
             device = _module_device(module)
             module._ne_specs = [spec.to(device) for spec in module._ne_specs]
-            module.__dict__.pop("_ne_fast", None)  # prepared forms of the old device/dtype: rebuilt on use
+        self._drop_forms()  # prepared forms of the old device/dtype: rebuilt on use
         return self
 
     def _device(self) -> torch.device:
@@ -773,9 +773,6 @@ class ElasticModel(nn.Module):
         for name in self._sliced_names:
             module = self.model.get_submodule(name)
             module._ne_specs.insert(pos, specs[name])
-            fast = module.__dict__.get("_ne_fast")
-            if fast:
-                module._ne_fast = {s + (s >= pos): f for s, f in fast.items()}
             if self.bn_mode == "per_level" and _slicing.has_level_rows(module):
                 src = min(pos, n - 1)
                 for buf in ("level_running_mean", "level_running_var", "level_num_batches_tracked"):
@@ -788,9 +785,6 @@ class ElasticModel(nn.Module):
         for name in self._sliced_names:
             module = self.model.get_submodule(name)
             del module._ne_specs[pos]
-            fast = module.__dict__.get("_ne_fast")
-            if fast:
-                module._ne_fast = {s - (s > pos): f for s, f in fast.items() if s != pos}
             if self.bn_mode == "per_level" and _slicing.has_level_rows(module):
                 for buf in ("level_running_mean", "level_running_var", "level_num_batches_tracked"):
                     t = module._buffers[buf]
@@ -807,22 +801,17 @@ class ElasticModel(nn.Module):
         if self.bn_mode == "per_level":
             state.bn_row = state.index
         info = self.__dict__.get("_inference")
-        if info is not None:
-            info["formats"] = {s + by * (s >= pos + (by < 0)): f for s, f in info["formats"].items()
-                               if by > 0 or s != pos}
+        if info is not None:  # the statistics rows were replaced: every form is rebuilt on use
+            info["forms"] = {}
+            info["sources"] = None
 
     def _reprepare(self, pos: int) -> None:
-        """Rebuild the prepared inference forms after the statistics rows were replaced (the old forms read
-        the old tensors), in the memory formats chosen before; the new level ``pos`` too if every other was."""
+        """Rebuild the prepared inference forms after a level was added at ``pos``: of every level if all
+        the others had theirs (``prepare_inference`` was not lazy), else on use."""
         info = self.__dict__.get("_inference")
-        if info is None:
-            return
-        for name in self._sliced_names:
-            self.model.get_submodule(name).__dict__.pop("_ne_fast", None)
-        for slot, choice in sorted(info["formats"].items()):
-            self._prepare_slot(slot, choice)
-        if all(lv.index in info["formats"] for lv in self.levels_ if lv.index != pos):
-            self._ensure_prepared(pos)
+        if info is not None and info.get("built_all", True):
+            for level in self.levels_:
+                self._prepared(level.index)
 
     def _containing_level(self, channels: Mapping[str, int]) -> int:
         for level in self.levels_:
@@ -863,130 +852,90 @@ class ElasticModel(nn.Module):
         info = self.__dict__.get("_inference")
         if info is None or self.model.training or torch.is_grad_enabled():
             return self.model(*args, **kwargs)
-        slot = self._state.index
-        self._ensure_prepared(slot)  # checks every module's prepared form of this level once
-        if info["formats"].get(slot) == "channels_last" and args and isinstance(args[0], torch.Tensor) \
+        net = self._prepared(self._state.index)
+        if net.nni_elastic_deploy["memory_format"] == "channels_last" and args and isinstance(args[0], torch.Tensor) \
                 and args[0].dim() == 4:  # as the deploy export is fed: no conversion inside the first layer
             args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
-        self._state.fresh = True
-        try:
-            return self.model(*args, **kwargs)
-        finally:
-            self._state.fresh = False
+        return net(*args, **kwargs)
 
     # ------------------------------------------------------------------ inference form
-    def prepare_inference(self, *, lazy: bool = False, memory_format: str = "auto", batch_size: int = 1) -> dict[str, Any]:
+    def prepare_inference(
+        self,
+        *,
+        lazy: bool = False,
+        memory_format: str = "auto",
+        batch_size: int = 1,
+        compile: bool = False,
+    ) -> dict[str, Any]:
         """Precompute every level's inference form, so a level runs at the speed of its deployed export.
 
-        Per level and sliced module: the level's weights sliced and contiguous, BatchNorm folded into
-        the convolution or linear layer before it (that BatchNorm then passes its input through),
-        and, for image models, channels-last weights where that measures faster. It is used by
-        forwards in eval mode without gradients (``torch.no_grad``/``torch.inference_mode``);
-        training forwards, and any module whose weights or statistics changed since (training,
-        ``calibrate_bn``), run the ordinary sliced forward, and ``em(x)`` re-prepares a stale level
-        on its next inference call. ``set_level`` stays a one-integer switch.
+        The form of a level is its deploy export (:meth:`export` with ``deploy=True``): physically
+        pruned, BatchNorm folded into the convolution or linear layer before it, channels-last
+        where that measures faster at ``batch_size`` (``memory_format`` forces a choice), compiled
+        with ``compile=True``. ``em(x)`` in eval mode without gradients (``torch.no_grad`` /
+        ``torch.inference_mode``) runs the active level's form, so a level runs as fast as a
+        dedicated deployed model, and ``set_level`` stays a one-integer switch. Training
+        forwards, and direct calls of ``em.model``, run the ordinary sliced forward. When any
+        weight or statistic changed since a form was built (training, ``calibrate_bn``,
+        ``load_state_dict``), the next inference call rebuilds it; moving or casting the model
+        drops the forms. An ad-hoc level (``set_level`` with a width or dict) gets a form on use.
 
         Args:
-            lazy: prepare a level on its first inference call instead of all levels now.
+            lazy: build a level's form on its first inference call instead of every level now.
             memory_format: ``"auto"`` (measure per level), ``"contiguous"`` or ``"channels_last"``.
-            batch_size: the batch the measurement uses.
+            batch_size: the batch the memory format is measured on.
+            compile: ``torch.compile`` each form (falls back, with a warning, when it cannot).
 
         Returns:
-            ``{"bytes": memory held by the prepared tensors, "levels": prepared levels,
-            "memory_format": {level: format}}``; the memory is about the sum of the levels' sizes.
+            ``{"bytes": memory held by the forms, "levels": levels prepared,
+            "memory_format": {level: format}}``. The memory is the sum of the levels' sizes
+            (about 2x the full model for widths 0.25/0.5/0.75/1.0).
         """
-        from .deploy import MEMORY_FORMATS, fold_pairs
+        from .deploy import MEMORY_FORMATS
 
         if memory_format not in MEMORY_FORMATS:
             raise ValueError(f"memory_format={memory_format!r} is not supported; use one of {MEMORY_FORMATS}")
-        with self._full_eval():
-            pairs = fold_pairs(self.plain_copy(), _example_batch(self.example_shape, self._device()))
-        sliced = set(self._sliced_names)
-        self._inference = {
-            "pairs": {layer: bn for layer, bn in pairs if layer in sliced and bn in sliced},
-            "memory_format": memory_format,
-            "batch_size": int(batch_size),
-            "formats": {},
-        }
+        self._inference = {"memory_format": memory_format, "batch_size": int(batch_size), "compile": bool(compile),
+                           "forms": {}, "sources": None, "built_all": not lazy}
         if not lazy:
             for level in self.levels_:
-                self._ensure_prepared(level.index)
+                self._prepared(level.index)
         return self.inference_memory()
 
     def inference_memory(self) -> dict[str, Any]:
         """Memory held by the precomputed inference forms (see :meth:`prepare_inference`)."""
-        total, slots = 0, set()
-        for name in getattr(self, "_sliced_names", ()):
-            for slot, fast in self.model.get_submodule(name).__dict__.get("_ne_fast", {}).items():
-                total += fast.nbytes
-                slots.add(slot)
-        formats = (self.__dict__.get("_inference") or {}).get("formats", {})
-        return {"bytes": int(total), "levels": len(slots), "memory_format": dict(formats)}
+        forms = (self.__dict__.get("_inference") or {}).get("forms", {})
+        levels = {slot: form for slot, form in forms.items() if slot < len(self.levels_)}
+        return {
+            "bytes": sum(_nbytes(form.net) for form in forms.values()),
+            "levels": len(levels),
+            "memory_format": {slot: form.net.nni_elastic_deploy["memory_format"] for slot, form in sorted(levels.items())},
+        }
 
-    def _ensure_prepared(self, slot: int) -> None:
-        modules = [self.model.get_submodule(n) for n in self._sliced_names]
-        tables = [m.__dict__.get("_ne_fast", {}) for m in modules]
-        if all(slot in t and t[slot].fresh() for t in tables):
-            return
+    def _prepared(self, slot: int) -> nn.Module:
+        """The inference form of ``slot``, built now when it is missing or stale."""
         info = self._inference
-        choice = info["memory_format"]
-        if choice == "auto":
-            choice = self._measure_memory_format(slot)
-        self._prepare_slot(slot, choice)
-        info["formats"][slot] = choice
+        if info["sources"] is None:  # every tensor a form reads; version counters tell when one changed
+            info["sources"] = (*self.model.parameters(), *self.model.buffers())
+        versions = tuple(t._version for t in info["sources"])
+        channels = self.levels_[slot].channels if slot < len(self.levels_) else self._custom_channels
+        form = info["forms"].get(slot)
+        if form is None or form.versions != versions or form.channels != channels:
+            with torch.inference_mode(False), torch.enable_grad():  # the export traces through autograd
+                net = self.export(slot if slot < len(self.levels_) else None, deploy=True, batch_size=info["batch_size"],
+                                  memory_format=info["memory_format"], compile=info["compile"])
+            form = info["forms"][slot] = _Prepared(net, dict(channels), versions)
+        return form.net
 
-    @torch.no_grad()
-    def _measure_memory_format(self, slot: int) -> str:
-        if len(self.example_shape) != 4 or not any(isinstance(m, nn.Conv2d) for m in self.model.modules()):
-            return "contiguous"
-        x = _example_batch(self.example_shape, self._device(), self._inference["batch_size"])
-        x = torch.randn_like(x)
-        times = {}
-        previous = (self._state.index, self._state.bn_row)
-        modes = {m: m.training for m in self.model.modules()}
-        try:
-            self.model.eval()
-            self._state.index, self._state.bn_row = slot, (slot if self.bn_mode == "per_level" else 0)
-            for choice in ("contiguous", "channels_last"):
-                self._prepare_slot(slot, choice)
-                times[choice] = _latency_ms(self.model, x, repeats=5, warmup=2)
-        finally:
-            self._state.index, self._state.bn_row = previous
-            for m, mode in modes.items():
-                m.train(mode)
-        return min(times, key=times.get)
-
-    @torch.no_grad()
-    def _prepare_slot(self, slot: int, memory_format: str) -> None:
-        from .deploy import folded_weights
-
-        row = slot if self.bn_mode == "per_level" else 0
-        pairs = self._inference["pairs"]
-        folded_bns = {bn: layer for layer, bn in pairs.items()}
-        views = {name: self._level_tensors(self.model.get_submodule(name), slot, row) for name in self._sliced_names}
-        for name in self._sliced_names:
-            module = self.model.get_submodule(name)
-            partner = pairs.get(name) or folded_bns.get(name)
-            sources = _sources(module) + (_sources(self.model.get_submodule(partner)) if partner else ())
-            tensors = dict(views[name])
-            identity = name in folded_bns
-            if name in pairs:
-                bn, t = self.model.get_submodule(partner), views[partner]
-                tensors["weight"], tensors["bias"] = folded_weights(
-                    tensors["weight"], tensors.get("bias"), t.get("weight"), t.get("bias"),
-                    t["running_mean"], t["running_var"], bn.eps,
-                )
-            tensors = {} if identity else {n: _ready(v, memory_format) for n, v in tensors.items()}
-            spec = module._ne_specs[slot]
-            _slicing.set_fast(module, slot, _slicing.FastSpec(tensors, dict(spec.attrs), identity, sources))
-
-    def _level_tensors(self, module: nn.Module, slot: int, row: int) -> dict[str, torch.Tensor]:
-        """Every parameter/buffer the module's forward reads at a slot, sliced as its forward would slice it."""
-        out = _slicing.level_views(module, module._ne_specs[slot], row)
-        for name in ("weight", "bias"):  # unsliced at this level: read whole (and folded, for pairs)
-            if name not in out and isinstance(module._parameters.get(name), torch.Tensor):
-                out[name] = module._parameters[name]
-        return out
+    def _drop_forms(self, slot: Optional[int] = None) -> None:
+        """Forget the prepared inference forms (of one slot), and the tensors they were built from."""
+        info = self.__dict__.get("_inference")
+        if info is not None:
+            if slot is None:
+                info["forms"].clear()
+            else:
+                info["forms"].pop(slot, None)
+            info["sources"] = None
 
     def parameter_masks(self, level: LevelLike) -> dict[str, torch.Tensor]:
         """Boolean masks of the entries of every parameter that a level uses (``{name: mask}``).
@@ -1077,7 +1026,8 @@ class ElasticModel(nn.Module):
             from .deploy import deploy as deploy_model
 
             plain = self.export(level)
-            example = torch.randn((int(batch_size), *self.example_shape[1:]), device=self._device())
+            example = torch.randn((int(batch_size), *self.example_shape[1:]), device=self._device(),
+                                  dtype=_module_dtype(plain))
             return deploy_model(plain, example, memory_format=memory_format, compile=compile)
         if level is None:
             slot = self._state.index
@@ -1269,7 +1219,17 @@ class ElasticModel(nn.Module):
         from .checkpoint import check_level_rows
 
         check_level_rows(self, state_dict)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._drop_forms()  # with assign=True the prepared forms' source tensors were replaced
+        return result
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles keep the ``prepare_inference`` settings; the forms are rebuilt on use."""
+        state = self.__dict__.copy()
+        info = state.get("_inference")
+        if info is not None:
+            state["_inference"] = {**info, "forms": {}, "sources": None}
+        return state
 
     def describe(self) -> list[dict[str, Any]]:
         """One row per level: index, width, MACs, params, MAC ratio to the largest level, latency."""
@@ -1347,16 +1307,18 @@ def latency_key(device: Union[str, torch.device], batch_size: int, form: str) ->
     return f"{name}/b{int(batch_size)}/{form}"
 
 
-def _sources(module: nn.Module) -> tuple[tuple[torch.Tensor, int], ...]:
-    return tuple((t, t._version) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
+@dataclass
+class _Prepared:
+    """A level's inference form: its deploy export, the channels it was built for, and the version
+    counters of the model's tensors then (a changed counter makes it stale)."""
+
+    net: nn.Module
+    channels: dict[str, int]
+    versions: tuple[int, ...]
 
 
-def _ready(t: torch.Tensor, memory_format: str) -> torch.Tensor:
-    """A detached, contiguous copy (channels-last for 4-D weights when asked)."""
-    t = t.detach()
-    if memory_format == "channels_last" and t.dim() == 4:
-        return t.clone(memory_format=torch.channels_last)
-    return t.clone(memory_format=torch.contiguous_format)
+def _nbytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 @contextlib.contextmanager

@@ -97,18 +97,44 @@ def test_prepared_forms_go_stale_when_weights_change_and_are_rebuilt(zoo) -> Non
     em, x = zoo["mobilenetv2_tiny"]
     em = copy.deepcopy(em)
     em.prepare_inference(memory_format="contiguous")
+    with torch.no_grad():
+        before = em.set_level(0) or em(x)
     opt = torch.optim.SGD(em.parameters(), lr=0.5)
     em.train()
-    em.set_level(0)
     em(x).square().mean().backward()  # a training forward never uses the prepared forms
     opt.step()
     em.eval()
     with torch.no_grad():
-        direct = em.model(x)  # stale prepared forms: the ordinary sliced forward runs
-        assert rel_diff(direct, em.export(0)(x)) <= 1e-4
-        assert rel_diff(em(x), em.export(0)(x)) <= 1e-4  # and em(x) re-prepares the level
-    fast = [m.__dict__["_ne_fast"][0] for m in em.model.modules() if "_ne_fast" in m.__dict__ and 0 in m.__dict__["_ne_fast"]]
-    assert fast and all(f.fresh() for f in fast)
+        after = em.export(0)(x)
+        assert rel_diff(after, before) > 1e-3  # the step changed level 0
+        assert rel_diff(em.model(x), after) <= 1e-4  # a direct call runs the sliced forward
+        assert rel_diff(em(x), after) <= 1e-4  # and em(x) rebuilt the stale form
+        for m in em.model.modules():  # statistics changed in place: stale again
+            for name in ("level_running_var", "running_var"):
+                if isinstance(m._buffers.get(name), torch.Tensor):
+                    m._buffers[name].mul_(2.0)
+        assert rel_diff(em(x), em.export(0)(x)) <= 1e-4
+
+
+def test_a_prepared_level_runs_its_deploy_export(zoo) -> None:
+    em, x = zoo["resnet20"]
+    em = copy.deepcopy(em)
+    em.prepare_inference(memory_format="channels_last", batch_size=4)
+    deployed = em.export(1, deploy=True, memory_format="channels_last")
+    with torch.inference_mode():
+        em.set_level(1)
+        out = em(x)  # a contiguous input is converted, as the deploy export is fed
+        assert torch.equal(out, deployed(x.contiguous(memory_format=torch.channels_last)))
+    info = em.inference_memory()
+    assert info["memory_format"] == {i: "channels_last" for i in range(em.num_levels)}
+    sizes = sum(sum(t.numel() * t.element_size() for t in em.export(i, deploy=True, memory_format="contiguous").state_dict().values())
+                for i in range(em.num_levels))
+    assert info["bytes"] == sizes  # the sum of the levels' deployed sizes
+    clone = copy.deepcopy(em)  # a copy keeps the settings, not the forms
+    assert clone.inference_memory()["levels"] == 0
+    with torch.inference_mode():
+        clone.set_level(1)
+        assert torch.equal(clone(x), out)
 
 
 def test_ad_hoc_level_is_prepared_on_use(zoo) -> None:
