@@ -4,7 +4,12 @@ Per level of ResNet-20, VGG-16-BN and MobileNetV2-style (batch 64, 3x32x32 by de
 torchvision's ResNet-18 at 224x224, batch 8), at 1 and 2 threads. The four forms of a level are
 timed interleaved, round after round, so their ratios are robust to machine noise. Targets: the
 deploy export of every level >= 1.4x faster than the plain export of the same level (ResNet-20,
-VGG-16-BN, batch 64); the prepared sliced forward <= 1.10x the deploy export; switch < 100 us.
+VGG-16-BN, batch 64); the prepared forward <= 1.10x the deploy export; switch < 100 us.
+
+With ``--compile`` the deploy export compiled by ``torch.compile`` (weights frozen) is timed too.
+Large 3x3 convolutions timed in the same rounds give this machine's FP32 convolution rate; a
+level's ``ceiling_speedup`` (that rate / the plain export's GFLOP/s) bounds what any FP32 runtime
+could gain on it, and the summary lists the levels where 1.4x is beyond that bound.
 
     python benchmarks/bench_deploy.py --out benchmarks/results/deploy.json
 """
@@ -63,7 +68,22 @@ def _onnxruntime(module: torch.nn.Module, x: torch.Tensor, threads: int):
     return lambda: session.run(None, feed)
 
 
-def bench_model(name: str, batch: int, threads: int, rounds: int, repeats: int) -> list[dict]:
+def _reference_convs(batch: int) -> list[tuple[float, object]]:
+    """(GFLOP, runner) of large 3x3 convolutions (VGG-like widths, channels-last and contiguous):
+    the best of them, timed beside the levels, is this machine's FP32 convolution throughput."""
+    out = []
+    for c, hw in ((256, 8), (512, 4), (512, 8)):
+        conv = torch.nn.Conv2d(c, c, 3, padding=1).eval()
+        x = torch.randn(batch, c, hw, hw)
+        gflop = 2 * c * c * 9 * hw * hw * batch / 1e9
+        out.append((gflop, lambda conv=conv, x=x: conv(x)))
+        last = torch.nn.Conv2d(c, c, 3, padding=1).eval().to(memory_format=torch.channels_last)
+        xl = x.contiguous(memory_format=torch.channels_last)
+        out.append((gflop, lambda conv=last, x=xl: conv(x)))
+    return out
+
+
+def bench_model(name: str, batch: int, threads: int, rounds: int, repeats: int, compile: bool = False) -> list[dict]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, shape = build(name)
@@ -79,6 +99,7 @@ def bench_model(name: str, batch: int, threads: int, rounds: int, repeats: int) 
     prepare_s = time.perf_counter() - start
     full_macs = em.levels[-1].macs
     switch_us = median_ms(lambda: em.set_level(0), repeats=20, warmup=2) * 1000.0
+    refs = _reference_convs(batch)
     rows = []
     for level in em.levels:
         plain = em.export(level.index)
@@ -98,17 +119,30 @@ def bench_model(name: str, batch: int, threads: int, rounds: int, repeats: int) 
         }
         if ort_run is not None:
             forms["onnxruntime"] = ort_run
+        if compile:
+            compiled = em.export(level.index, deploy=True, batch_size=batch, memory_format=fmt, compile=True)
+            forms["compiled_deploy"] = lambda: compiled(xd)
+        for i, (_, run) in enumerate(refs):
+            forms[f"ref{i}"] = run
         times: dict[str, list[float]] = {k: [] for k in forms}
         with torch.inference_mode():
             for _ in range(rounds):
                 for key, run in forms.items():
                     times[key].append(median_ms(run, repeats=repeats, warmup=1))
         med = {k: statistics.median(v) for k, v in times.items()}
+        # FP32 roofline: the level's FLOPs at the best measured convolution rate
+        peak = max(gflop / (med.pop(f"ref{i}") / 1e3) for i, (gflop, _) in enumerate(refs))
+        gflop = 2 * level.macs * batch / 1e9
+        plain_rate = gflop / (med["plain_export"] / 1e3)
         rows.append({
             "model": name, "threads": threads, "batch": batch, "level": level.index, "width": level.width,
             "macs_ratio": level.macs / full_macs, **{f"{k}_ms": v for k, v in med.items()},
             "onnxruntime_speedup": med["plain_export"] / med["onnxruntime"] if "onnxruntime" in med else None,
             "deploy_speedup": med["plain_export"] / med["deploy_export"],
+            "compiled_speedup": med["plain_export"] / med["compiled_deploy"] if "compiled_deploy" in med else None,
+            "peak_conv_gflops": peak, "plain_gflops": plain_rate,
+            "deploy_gflops": gflop / (med["deploy_export"] / 1e3),
+            "ceiling_speedup": peak / plain_rate,
             "prepared_over_deploy": med["prepared"] / med["deploy_export"],
             "memory_format": fmt, "folded": len(deployed.nni_elastic_deploy["folded"]),
             "switch_us": switch_us, "prepare_s": prepare_s, "prepared_bytes": info["bytes"],
@@ -124,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tv-resnet18", action="store_true", help="also torchvision's ResNet-18 at 224x224, batch 8")
+    p.add_argument("--compile", action="store_true", help="also the deploy export compiled (torch.compile, frozen weights)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default="benchmarks/results/deploy.json")
     args = p.parse_args(argv)
@@ -133,20 +168,29 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
         for name, batch in jobs:
-            rows += bench_model(name, batch, threads, args.rounds, args.repeats)
-    header = f"{'model':16s} thr lvl width  MACs  sliced prepared  export  deploy  dep-speedup prep/dep fmt"
+            rows += bench_model(name, batch, threads, args.rounds, args.repeats, args.compile)
+    header = (f"{'model':16s} thr lvl width  MACs  sliced prepared  export  deploy  dep-speedup comp-speedup "
+              f"ort-speedup ceiling GFLOP/s(plain/deploy/peak) prep/dep fmt")
     if not args.quiet:
         print(header)
         for r in rows:
+            opt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
             print(f"{r['model']:16s} {r['threads']:3d} {r['level']:3d} {r['width']:5.2f} {r['macs_ratio']:5.3f} "
                   f"{r['sliced_ms']:7.2f} {r['prepared_ms']:8.2f} {r['plain_export_ms']:7.2f} {r['deploy_export_ms']:7.2f} "
-                  f"{r['deploy_speedup']:11.2f} {r['prepared_over_deploy']:8.2f} {r['memory_format']}")
+                  f"{r['deploy_speedup']:11.2f} {opt(r['compiled_speedup']):>12s} {opt(r['onnxruntime_speedup']):>11s} "
+                  f"{r['ceiling_speedup']:7.2f} {r['plain_gflops']:6.1f}/{r['deploy_gflops']:6.1f}/{r['peak_conv_gflops']:6.1f}"
+                  f"        {r['prepared_over_deploy']:8.2f} {r['memory_format']}")
     target = [r for r in rows if r["model"] in ("resnet20", "vgg16_bn") and r["batch"] == 64]
     summary = {
         "deploy_speedup_min_resnet20_vgg16": min((r["deploy_speedup"] for r in target), default=None),
         "prepared_over_deploy_max": max(r["prepared_over_deploy"] for r in rows),
         "switch_us_max": max(r["switch_us"] for r in rows),
     }
+    best = lambda r: max(v for v in (r["deploy_speedup"], r["compiled_speedup"]) if v is not None)  # noqa: E731
+    summary["best_speedup_min_resnet20_vgg16"] = min((best(r) for r in target), default=None)
+    # a level the 1.4x target cannot reach in FP32 here: 1.4x its plain speed exceeds the best convolution rate
+    summary["beyond_fp32_ceiling"] = [f"{r['model']}/t{r['threads']}/level{r['level']}: ceiling {r['ceiling_speedup']:.2f}x"
+                                      for r in target if r["ceiling_speedup"] < 1.4]
     summary["targets"] = {
         "deploy_speedup_ge_1.4": summary["deploy_speedup_min_resnet20_vgg16"] is not None
         and summary["deploy_speedup_min_resnet20_vgg16"] >= 1.4,
