@@ -147,6 +147,9 @@ def bench_model(name: str, batch: int, threads: int, rounds: int, repeats: int, 
             "memory_format": fmt, "folded": len(deployed.nni_elastic_deploy["folded"]),
             "switch_us": switch_us, "prepare_s": prepare_s, "prepared_bytes": info["bytes"],
         })
+    full = rows[-1]["plain_export_ms"]
+    for r in rows:  # speedup over the full plain export, as a fraction of the MACs ratio's ideal
+        r["deploy_fraction_of_macs_ideal"] = full / r["deploy_export_ms"] * r["macs_ratio"]
     return rows
 
 
