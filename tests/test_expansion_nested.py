@@ -91,12 +91,15 @@ def test_a_level_after_training_equals_its_export(batch, grow):
         assert torch.equal(p, names[name][tuple(slice(0, n) for n in p.shape)]), name
 
 
+@pytest.mark.parametrize("private_bn", [False, True])
 @pytest.mark.parametrize("grow", [grow_width, grow_depth])
-def test_the_level_loss_moves_exactly_the_shared_weights(batch, grow):
+def test_the_level_loss_moves_exactly_the_shared_weights(batch, grow, private_bn):
     x, y = batch
     model = trained(batch)
-    level = NestedLevel(copy.deepcopy(model))
+    level = NestedLevel(copy.deepcopy(model), private_bn=private_bn)
     grow(model, x)
+    own = level.own_parameters()
+    assert bool(own) == private_bn and all(".bn." in n for n in own)
 
     def grads(levels):
         model.zero_grad()
@@ -108,7 +111,7 @@ def test_the_level_loss_moves_exactly_the_shared_weights(batch, grow):
     changed_inside = False
     for name, g in joint.items():
         diff = (g - alone[name]).abs()
-        if name not in shapes:  # a new block: the level skips it
+        if name not in shapes:  # a new block (the level skips it) or a BatchNorm the level has its own of
             assert diff.max() == 0, name
             continue
         inside = tuple(slice(0, n) for n in shapes[name])
@@ -117,6 +120,7 @@ def test_the_level_loss_moves_exactly_the_shared_weights(batch, grow):
         assert not diff[outside].any(), name  # new channels: the level does not use them
         changed_inside |= bool(diff[inside].max() > 0)
     assert changed_inside
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in own.values())
 
 
 def test_a_level_not_nested_in_the_model_is_refused(batch):
@@ -142,9 +146,10 @@ def grow_run(digits, out, **kw):
     return eg, eg.fit(model, digits.train, digits.val)
 
 
-@pytest.mark.parametrize("candidates", [["width"], ["depth", "width"]])
-def test_nested_checkpoints_hold_the_final_weights_and_load_as_before(digits, tmp_path, candidates):
-    eg, result = grow_run(digits, tmp_path, candidates=candidates)
+@pytest.mark.parametrize("candidates, history_bn", [(["width"], "shared"), (["depth", "width"], "shared"),
+                                                    (["depth", "width"], "private")])
+def test_nested_checkpoints_hold_the_final_weights_and_load_as_before(digits, tmp_path, candidates, history_bn):
+    eg, result = grow_run(digits, tmp_path, candidates=candidates, history_bn=history_bn)
     res = result.details
     assert len(res.expansions) == 2 and len(res.checkpoints) == 3
     final = dict(res.model.named_parameters())
@@ -153,6 +158,8 @@ def test_nested_checkpoints_hold_the_final_weights_and_load_as_before(digits, tm
         assert meta["step"] == ckpt.step == res.checkpoints[-1].step  # every level trained to the end
         assert evaluate(model, digits.val)["accuracy"] == pytest.approx(ckpt.accuracy)
         for name, p in model.named_parameters():
+            if history_bn == "private" and ".bn." in name and ckpt is not res.checkpoints[-1]:
+                continue  # the level's own BatchNorm weights
             assert torch.equal(p, final[name][tuple(slice(0, n) for n in p.shape)]), name
     assert [c.closed_at for c in res.checkpoints[:-1]] == [e["step"] for e in res.expansions]
     assert all(c.snapshot_accuracy is not None for c in res.checkpoints[:-1])
@@ -166,18 +173,20 @@ class Interrupt(Exception):
     pass
 
 
-def test_nested_resume_matches_the_uninterrupted_run(digits, tmp_path):
-    _, reference = grow_run(digits, tmp_path / "a", epochs=4)
+@pytest.mark.parametrize("history_bn", ["shared", "private"])
+def test_nested_resume_matches_the_uninterrupted_run(digits, tmp_path, history_bn):
+    _, reference = grow_run(digits, tmp_path / "a", epochs=4, history_bn=history_bn)
 
     def stop(info):
         if info.index == 2:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        grow_run(digits, tmp_path / "b", epochs=4, on_step_end=stop)
+        grow_run(digits, tmp_path / "b", epochs=4, on_step_end=stop, history_bn=history_bn)
     model = ne.create_model("growable_cnn", num_classes=10, in_channels=1, channels=[4, 8, 8], blocks=[0, 0, 0])
     eg = ne.ExpansionGrowth(threshold=0.0, check_every=10, warmup_steps=10, max_expansions=2, epochs=4, quiet=True,
-                            score_batch=64, grow_until=0.5, history="nested", checkpoint_dir=tmp_path / "b")
+                            score_batch=64, grow_until=0.5, history="nested", history_bn=history_bn,
+                            checkpoint_dir=tmp_path / "b")
     resumed = eg.fit(model, digits.train, digits.val, resume=True)
     ref, res = reference.details, resumed.details
     assert [e["name"] for e in res.expansions] == [e["name"] for e in ref.expansions]

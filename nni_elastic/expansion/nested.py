@@ -7,7 +7,10 @@ holds the architecture of such an earlier model (a copy of it taken just before 
 and runs it on the *current* model's weights: each of its parameters is the leading slice of the
 current parameter of the same name, so gradients flow into the shared weights. Its BatchNorm
 running statistics are its own (switchable BatchNorm statistics, Universally Slimmable Networks):
-the shared layers after a skipped block see other statistics at each level.
+the shared layers after a skipped block see other statistics at each level. With
+``private_bn=True`` its BatchNorm weights and biases are its own too (switchable BatchNorm of
+Slimmable Networks, Yu et al. 2018): a few parameters per level that the caller adds to the
+optimizer (:meth:`NestedLevel.own_parameters`).
 
 :func:`nested_step` trains the grown model on the labels and one (or more) history levels per
 optimizer step on the grown model's detached soft predictions (the sandwich rule's in-place
@@ -41,13 +44,24 @@ class NestedLevel:
         skeleton: a model with the earlier architecture (e.g. a deep copy taken just before an
             expansion); its parameters' values are not used once the model has grown, its
             buffers (BatchNorm statistics) are the level's own.
+        private_bn: the level's BatchNorm weights and biases are its own (trainable, starting
+            from the skeleton's values) instead of slices of the model's.
     """
 
-    def __init__(self, skeleton: nn.Module) -> None:
+    def __init__(self, skeleton: nn.Module, private_bn: bool = False) -> None:
         self.skeleton = skeleton
-        self.shapes = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
-        for p in skeleton.parameters():
-            p.requires_grad_(False)
+        own = set()
+        if private_bn:
+            for mname, m in skeleton.named_modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    own |= {f"{mname}.{n}" if mname else n for n, _ in m.named_parameters(recurse=False)}
+        self.shapes = {name: tuple(p.shape) for name, p in skeleton.named_parameters() if name not in own}
+        for name, p in skeleton.named_parameters():
+            p.requires_grad_(name in own)
+
+    def own_parameters(self) -> dict[str, nn.Parameter]:
+        """The level's own trainable parameters (``private_bn``), by name; none otherwise."""
+        return {n: p for n, p in self.skeleton.named_parameters() if n not in self.shapes}
 
     def check(self, model: nn.Module) -> None:
         """Refuse a model this level is not nested in (a parameter missing or smaller than the level's)."""
@@ -83,14 +97,15 @@ class NestedLevel:
             p.requires_grad_(True)
         return out.train(model.training)
 
-    def buffers(self) -> dict[str, torch.Tensor]:
-        """The level's own buffers (for a resume state)."""
-        return {k: v.detach().cpu().clone() for k, v in self.skeleton.named_buffers()}
+    def state(self) -> dict[str, torch.Tensor]:
+        """The level's own tensors, buffers and own parameters (for a resume state)."""
+        own = {**dict(self.skeleton.named_buffers()), **self.own_parameters()}
+        return {k: v.detach().cpu().clone() for k, v in own.items()}
 
-    def load_buffers(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for name, b in self.skeleton.named_buffers():
-                b.copy_(state[name])
+            for name, t in {**dict(self.skeleton.named_buffers()), **self.own_parameters()}.items():
+                t.copy_(state[name])
 
     def to(self, device: torch.device) -> "NestedLevel":
         self.skeleton.to(device)

@@ -118,6 +118,7 @@ CRITERIA = ("gain", "ratio", "secnn")
 WIDTH_SCOPES = ("group", "stage")
 LR_SCHEDULES = ("global", "cycles")
 HISTORY_MODES = ("snapshot", "nested")
+HISTORY_BN = ("shared", "private")
 
 
 @dataclass
@@ -255,6 +256,7 @@ class ExpansionGrowthOptions:
     history: str = option("snapshot", choices=HISTORY_MODES)
     history_per_step: Optional[int] = option(1, ge=1)
     history_distill: float = option(1.0, ge=0, le=1)
+    history_bn: str = option("shared", choices=HISTORY_BN)
 
     def __post_init__(self) -> None:
         self.candidates = list(self.candidates)
@@ -334,6 +336,9 @@ class ExpansionGrowth(Strategy):
             (default 1; ``None``: all of them every step).
         history_distill: ``"nested"``: share of distillation in a history level's loss
             (1: the grown model's soft predictions only; 0: the labels only).
+        history_bn: ``"nested"``: ``"shared"``: a history level's BatchNorm weights and biases
+            are slices of the model's (its running statistics are always its own);
+            ``"private"``: its own, trained with it (switchable BatchNorm).
         epochs: training epochs.
         lr, batch_size, optimizer, momentum, weight_decay, seed: training settings (or ``train=TrainConfig(...)``).
         device, quiet, checkpoint_dir, on_step_end: as for every strategy
@@ -686,8 +691,10 @@ class ExpansionGrowth(Strategy):
         graph_before = {g.name: g.size for g in build_channel_graph(model, st.example).groups}
         self._checkpoint(step, step // max(1, st.steps_per_epoch), best)
         if self.options.history == "nested":  # the level just closed stays inside the model and keeps training
-            st.levels.append(NestedLevel(copy.deepcopy(model)))
+            level = NestedLevel(copy.deepcopy(model), private_bn=self.options.history_bn == "private")
+            st.levels.append(level)
             st.level_macs.append(st.checkpoints[-1].macs)
+            update_optimizer(optimizer, [ParamChange(None, p) for p in level.own_parameters().values()])
         self.expand(model, best, optimizer)
         st.model_macs = count_macs(model, st.example)
         st.scored = None
@@ -771,14 +778,14 @@ class ExpansionGrowth(Strategy):
         if self.checkpoint_dir is None:
             return
         st = self.state_
-        names = {p: n for n, p in st.model.named_parameters()}
+        names = {p: n for n, p in self._named_parameters()}
         order = [[names[p] for p in g["params"]] for g in opt.param_groups]
         atomic_save(growth_payload(
             st.model, {}, state=True, epoch=epoch, optimizer=opt.state_dict(), param_order=order,
             scheduler=sched.state_dict(), checkpoints=[asdict(c) for c in st.checkpoints],
             expansions=st.expansions, history=st.history, checks=st.num_checks, config=self.config(),
             cooldown_left=st.cooldown_left, segment=list(st.segment),
-            nested_buffers=[lv.buffers() for lv in st.levels], level_macs=list(st.level_macs), mac_samples=st.mac_samples,
+            nested_state=[lv.state() for lv in st.levels], level_macs=list(st.level_macs), mac_samples=st.mac_samples,
         ), self.checkpoint_dir / "state.pt")
 
     def _load_state(self, model: nn.Module, device: torch.device) -> tuple[nn.Module, Optional[dict]]:
@@ -799,15 +806,21 @@ class ExpansionGrowth(Strategy):
         st.segment = tuple(saved.get("segment", (0, 1)))
         st.mac_samples = float(saved.get("mac_samples", 0.0))
         st.level_macs = list(saved.get("level_macs", []))
-        for c, buffers in zip(st.checkpoints, saved.get("nested_buffers", [])):  # the history levels' architectures
+        for c, own in zip(st.checkpoints, saved.get("nested_state", [])):  # the history levels' architectures
             skeleton, _ = read_growth(c.path, model=None if getattr(model, "nni_elastic_arch", None) else copy.deepcopy(model))
-            level = NestedLevel(skeleton.to(device))
-            level.load_buffers(buffers)
+            level = NestedLevel(skeleton.to(device), private_bn=self.options.history_bn == "private")
+            level.load_state(own)
             st.levels.append(level)
         return model, saved
 
+    def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The model's parameters and the history levels' own ones (``history.<i>.<name>``): what the optimizer holds."""
+        st = self.state_
+        own = [(f"history.{i}.{n}", p) for i, lv in enumerate(st.levels) for n, p in lv.own_parameters().items()]
+        return list(st.model.named_parameters()) + own
+
     def _restore_optimizer(self, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, state: dict) -> None:
-        named = dict(model.named_parameters())
+        named = dict(self._named_parameters())
         for group, names in zip(opt.param_groups, state["param_order"]):
             group["params"] = [named[n] for n in names]
         opt.load_state_dict(state["optimizer"])
