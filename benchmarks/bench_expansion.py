@@ -111,7 +111,7 @@ def train_fixed(model: torch.nn.Module, splits, steps: int, args, seed: int, dev
 def growth_settings(args) -> dict:
     keys = ("criterion", "threshold", "tau", "size_lambda", "check_every", "warmup_steps", "grow_until",
             "max_expansions", "max_params", "candidate_top_k", "width_fraction", "lr_schedule", "candidates",
-            "new_layer_noise", "history", "history_per_step", "history_distill")
+            "new_layer_noise", "history", "history_per_step", "history_distill", "history_bn")
     out = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     out["candidates"] = out["candidates"].split(",")
     if out.get("history_per_step") == 0:
@@ -123,14 +123,36 @@ def arch_key(model: torch.nn.Module) -> tuple:
     return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
 
 
-def one_seed(args, splits, seed: int, device, out_dir: Path) -> dict:
+class FixedRuns:
+    """Fixed networks trained from scratch, one per architecture, steps and seed; optionally kept in a JSON file
+    (``--fixed-cache``) so that runs of other growth settings reuse them."""
+
+    def __init__(self, args, splits, device) -> None:
+        self.args, self.splits, self.device = args, splits, device
+        self.path = Path(args.fixed_cache) if args.fixed_cache else None
+        self.runs = json.loads(self.path.read_text()) if self.path is not None and self.path.is_file() else {}
+
+    def __call__(self, model: torch.nn.Module, steps: int, seed: int, init=None) -> dict:
+        a = self.args
+        key = json.dumps([a.data, a.limit, a.batch_size, a.lr, seed, steps, arch_key(model)])
+        if key not in self.runs and self.path is not None and self.path.is_file():  # another run may have added it
+            self.runs.update(json.loads(self.path.read_text()))
+        if key not in self.runs:
+            model = init(model) if init is not None else model
+            self.runs[key] = train_fixed(model, self.splits, steps, a, seed, self.device)
+            if self.path is not None:
+                self.path.write_text(json.dumps(self.runs))
+        return self.runs[key]
+
+
+def one_seed(args, splits, seed: int, device, ckpt_dir: Path, fixed_runs: FixedRuns) -> dict:
     channels = [int(c) for c in args.channels.split(",")]
     torch.manual_seed(seed)
     start_model = ne.create_model("growable_cnn", num_classes=splits.num_classes, in_channels=splits.in_channels,
-                                  channels=channels, blocks=[0] * len(channels))
+                                  channels=channels, blocks=[0] * len(channels), residual=args.residual)
     eg = ne.ExpansionGrowth(**growth_settings(args), score_batch=128, epochs=args.epochs, batch_size=args.batch_size,
                             lr=args.lr, seed=seed, device=args.device, quiet=True,
-                            checkpoint_dir=out_dir / f"expansion_checkpoints/seed{seed}")
+                            checkpoint_dir=ckpt_dir / f"seed{seed}")
     start = time.time()
     result = eg.fit(start_model, splits.train, splits.val)
     res = result.details
@@ -139,18 +161,13 @@ def one_seed(args, splits, seed: int, device, out_dir: Path) -> dict:
     example = splits.train[0][0].unsqueeze(0).to(device)
     torch.manual_seed(seed)
     start_arch = ne.create_model("growable_cnn", num_classes=splits.num_classes, in_channels=splits.in_channels,
-                                 channels=channels, blocks=[0] * len(channels))
-    key = (arch_key(start_arch), total_steps)
-    fs = train_fixed(start_arch, splits, total_steps, args, seed, device)
-    fixed_runs = {key: fs}  # one fixed network per architecture and steps (history="nested": level 0 is the start)
+                                 channels=channels, blocks=[0] * len(channels), residual=args.residual)
+    fs = fixed_runs(start_arch, total_steps, seed)  # history="nested": level 0 is this architecture and steps
     levels = []
     for c in res.checkpoints:
         grown, _ = load_growth_checkpoint(c.path)
         acc = evaluate(grown, splits.test_set, device=device)["accuracy"]
-        key = (arch_key(grown), max(1, c.step))
-        if key not in fixed_runs:
-            fixed_runs[key] = train_fixed(reinit(grown, seed), splits, max(1, c.step), args, seed, device)
-        fixed = fixed_runs[key]
+        fixed = fixed_runs(grown, max(1, c.step), seed, init=lambda m: reinit(m, seed))
         levels.append({"level": c.level, "params": c.params, "macs": c.macs, "step": c.step, "expansion": c.expansion,
                        "closed_at": c.closed_at, "snapshot_accuracy": c.snapshot_accuracy,
                        "checkpoint_accuracy": acc, "fixed_accuracy_same_steps": fixed["accuracy"],
@@ -197,6 +214,20 @@ def summarise(rows: list[dict]) -> list[str]:
                  f"{'met' if all(r['beats_start_by_half_gap'] for r in rows) else 'NOT met'}); "
                  f"curve (every checkpoint within 0.5 pp of a fixed net of its size and steps, or better): "
                  f"{'met' if all(r['curve_no_worse'] for r in rows) else 'NOT met'}")
+    compute = [r.get("compute_vs_fixed_final") for r in rows]
+    if all(c is not None for c in compute):
+        wall = [r["growth_seconds"] / r["fixed_final_seconds"] for r in rows]
+        lines.append(f"training compute (forward MACs x samples, checks excluded) / fixed final's: "
+                     f"{[round(c, 2) for c in compute]}; wall time growth / fixed final: {[round(w, 2) for w in wall]}")
+    lines += ["", "| seed | level | params | closed at step | accuracy then | checkpoint (steps) | fixed, same size and steps | "
+              "difference (pp) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for lv in r["levels"]:
+            then = lv.get("snapshot_accuracy")
+            lines.append(f"| {r['seed']} | {lv['level']} | {lv['params']} | {lv.get('closed_at') or ''} | "
+                         f"{'' if then is None else f'{100 * then:.2f}'} | {100 * lv['checkpoint_accuracy']:.2f} ({lv['step']}) | "
+                         f"{100 * lv['fixed_accuracy_same_steps']:.2f} | "
+                         f"{100 * (lv['checkpoint_accuracy'] - lv['fixed_accuracy_same_steps']):+.2f} |")
     return lines
 
 
@@ -214,9 +245,28 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.plot(params, [100 * lv["fixed_accuracy_same_steps"] for lv in r["levels"]], "s--", color="C1", alpha=0.8,
                 label="fixed, same size and steps" if i == 0 else None)
         ax.plot([r["params_start"]], [100 * r["fixed_start"]], "v", color="C2", label="fixed start, all steps" if i == 0 else None)
+        then = [(lv["params"], 100 * lv["snapshot_accuracy"]) for lv in r["levels"] if lv.get("snapshot_accuracy") is not None]
+        if then:
+            ax.plot(*zip(*then), "x", color="0.6", label="checkpoint when its level closed" if i == 0 else None)
     ax.set_xscale("log"); ax.set_xlabel("parameters"); ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=8); ax.grid(alpha=0.3)
     fig.tight_layout(); fig.savefig(path, dpi=120); plt.close(fig)
+
+
+def merge(files: list[Path], out: Path) -> int:
+    """Combine single-seed runs (e.g. run as parallel processes) into one result, table and plot."""
+    runs = [json.loads(f.read_text()) for f in files]
+    result = {**runs[0], "seeds": [r for run in runs for r in run["seeds"]], "merged_from": [str(f) for f in files]}
+    result["args"] = {**runs[0]["args"], "seeds": ",".join(str(r["seed"]) for r in result["seeds"])}
+    if out.is_file():  # keep the check cost measured by an earlier run
+        old = json.loads(out.read_text())
+        result.update({k: old[k] for k in ("check_cost", "check_cost_args") if k in old})
+    table = summarise(result["seeds"])
+    print("\n".join(table))
+    out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    plot(result["seeds"], out.parent / f"{out.stem}_curve.png")
+    out.write_text(json.dumps(result, indent=2, default=str))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -227,6 +277,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--channels", default="8,16,32")
+    p.add_argument("--residual", action="store_true", help="growable_cnn with residual blocks (added ones: zero last conv)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
     # growth settings (None: the strategy's default)
@@ -247,15 +298,21 @@ def main(argv=None) -> int:
     p.add_argument("--history", default=None, help="snapshot | nested")
     p.add_argument("--history-per-step", type=int, default=None, help="0: every history level at every step")
     p.add_argument("--history-distill", type=float, default=None)
+    p.add_argument("--history-bn", default=None, help="shared | private")
     p.add_argument("--cost-repeats", type=int, default=5)
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--skip-growth", action="store_true")
+    p.add_argument("--merge", default=None, help="comma-separated JSON files of single-seed runs (same settings) to "
+                   "combine into --out (its check cost is kept); no training")
+    p.add_argument("--fixed-cache", default=None, help="JSON file of fixed-network results to reuse across runs")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="benchmarks/results/expansion.json")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        return merge([Path(f) for f in args.merge.split(",")], out)
     result = {"args": vars(args), "device": str(device), "torch_threads": torch.get_num_threads()}
     if args.skip_growth and out.is_file():  # keep the growth results of an earlier run
         result = {**json.loads(out.read_text()), "cost_args": vars(args)}
@@ -273,14 +330,15 @@ def main(argv=None) -> int:
         splits = ne.data.load_dataset(args.data, root=args.data_root, limit=args.limit)
         splits.test_set = splits.test if splits.test is not None else splits.val
         rows = []
+        fixed_runs = FixedRuns(args, splits, device)
         for seed in [int(s) for s in args.seeds.split(",")]:
-            rows.append(one_seed(args, splits, seed, device, out.parent))
+            rows.append(one_seed(args, splits, seed, device, out.parent / f"{out.stem}_checkpoints", fixed_runs))
             out.write_text(json.dumps({**result, "seeds": rows}, indent=2, default=str))
         result["seeds"] = rows
         table = summarise(rows)
         print("\n".join(table))
         out.with_suffix(".md").write_text("\n".join(table) + "\n")
-        plot(rows, out.parent / "expansion_curve.png")
+        plot(rows, out.parent / f"{out.stem}_curve.png")
     out.write_text(json.dumps(result, indent=2, default=str))
     return 0
 

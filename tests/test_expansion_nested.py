@@ -29,9 +29,10 @@ def batch(digits):
     return x, y
 
 
-def trained(batch, name: str = "growable_cnn", steps: int = 5) -> torch.nn.Module:
+def trained(batch, residual: bool = False, steps: int = 5) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = ne.create_model(name, num_classes=10, in_channels=1, channels=[4, 8, 8], blocks=[0, 0, 0])
+    model = ne.create_model("growable_cnn", num_classes=10, in_channels=1, channels=[4, 8, 8], blocks=[0, 0, 0],
+                            residual=residual)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = batch
     for _ in range(steps):
@@ -51,11 +52,11 @@ def grow_depth(model: torch.nn.Module, x: torch.Tensor) -> None:
     add_block(model, 2, calibration=x)
 
 
-@pytest.mark.parametrize("grow", [grow_width, grow_depth])
+@pytest.mark.parametrize("grow, residual", [(grow_width, False), (grow_depth, False), (grow_depth, True)])
 @pytest.mark.parametrize("training", [True, False])
-def test_the_level_inside_the_grown_model_is_the_old_model(batch, grow, training):
+def test_the_level_inside_the_grown_model_is_the_old_model(batch, grow, residual, training):
     x, _ = batch
-    model = trained(batch)
+    model = trained(batch, residual)
     old = copy.deepcopy(model).train(training)
     level = NestedLevel(copy.deepcopy(model))
     grow(model, x)
@@ -64,6 +65,8 @@ def test_the_level_inside_the_grown_model_is_the_old_model(batch, grow, training
     with torch.no_grad():
         expected = old(x)
         assert torch.equal(level(model, x), expected)
+        if residual:  # a residual block with a zero last conv is the identity exactly, without calibration
+            assert torch.equal(model(x), expected)
         # the level keeps its own statistics: the grown model's are untouched by the level's forward
         before = {k: v.clone() for k, v in model.named_buffers()}
         level(model, x)
@@ -195,3 +198,17 @@ def test_nested_resume_matches_the_uninterrupted_run(digits, tmp_path, history_b
     for a, b in zip(ref.checkpoints, res.checkpoints):
         assert a.accuracy == pytest.approx(b.accuracy, abs=1e-3) and a.closed_at == b.closed_at
     assert resumed.compute["mac_samples"] == pytest.approx(reference.compute["mac_samples"])
+
+
+def test_a_new_residual_block_is_trained_through_its_zero_conv(batch):
+    x, y = batch
+    model = trained(batch, residual=True)
+    add_block(model, 1, calibration=x)
+    block = model.stages[1].blocks[-1]
+    assert float(block.conv2.weight.abs().max()) == 0 and float(block.bn.weight.min()) == 1.0  # BatchNorm left as built
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    assert float(block.conv2.weight.grad.abs().max()) > 0
+    rebuilt = ne.create_model("growable_cnn", **model.nni_elastic_arch["kwargs"])
+    rebuilt.load_state_dict(model.state_dict())  # the architecture record rebuilds it (checkpoints)
+    assert rebuilt.block_counts == [0, 1, 0] and rebuilt.residual

@@ -188,7 +188,8 @@ def add_block(model: nn.Module, stage: int, calibration: Optional[torch.Tensor] 
         with torch.no_grad():
             conv.weight.add_(noise * torch.randn_like(conv.weight))
     bn = getattr(block, "bn", None)
-    if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+    # a block that is the identity by construction (a residual branch ending in a zero conv) keeps its BatchNorm
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm) and not getattr(block, "identity_at_init", False):
         identity_batchnorm(bn, None if calibration is None else _input_of(model, bn, calibration, training=True))
     return [ParamChange(None, p) for p in block.parameters()]
 

@@ -33,20 +33,44 @@ class ConvBlock(nn.Sequential):
         )
 
 
+class ResidualBlock(nn.Module):
+    """``relu(x + conv2(relu(bn(conv1(x)))))``: a residual block whose branch ends in a bias-free conv.
+
+    With ``conv2`` zero the block is exactly the identity on non-negative inputs, in train and eval
+    mode, while ``conv2`` still receives a gradient (the new outgoing weights of width growth, in
+    depth), so the expansion score sees what the block could add. Skipping the block leaves the
+    features it refines in the same space, which is what nested history levels need
+    (:mod:`nni_elastic.expansion.nested`).
+    """
+
+    identity_at_init = True  # as built by GrowableCNN.add_block: no BatchNorm calibration needed
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(x + self.conv2(self.relu(self.bn(self.conv1(x)))))
+
+
 class GrowableStage(nn.Module):
     """An entry ConvBlock (which may downsample) followed by a growable ``blocks`` Sequential."""
 
     __jit_unused_properties__ = ["out_channels"]
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, num_blocks: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, num_blocks: int, residual: bool = False) -> None:
         super().__init__()
         self.entry = ConvBlock(in_channels, out_channels, stride)
-        self.blocks = nn.Sequential(*[ConvBlock(out_channels, out_channels) for _ in range(num_blocks)])
+        block = ResidualBlock if residual else (lambda c: ConvBlock(c, c))
+        self.blocks = nn.Sequential(*[block(out_channels) for _ in range(num_blocks)])
 
     @property
     def out_channels(self) -> int:
         last = self.blocks[-1] if len(self.blocks) else self.entry
-        return last.conv.out_channels
+        return (last.conv2 if isinstance(last, ResidualBlock) else last.conv).out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.entry(x))
@@ -72,6 +96,8 @@ class GrowableCNN(nn.Module):
         in_channels: input image channels.
         channels: output channels of each stage.
         blocks: extra (non-entry) blocks per stage, may be 0; same length as ``channels``.
+        residual: the extra blocks are :class:`ResidualBlock` s (added ones start as the
+            identity with a zero last conv) instead of plain ConvBlocks (added ones Dirac-initialised).
 
     Example:
         >>> model = GrowableCNN(10, 3, channels=(16, 32), blocks=(0, 1))
@@ -88,17 +114,21 @@ class GrowableCNN(nn.Module):
         in_channels: int = 3,
         channels: Sequence[int] = (16, 32, 64),
         blocks: Sequence[int] = (1, 1, 1),
+        residual: bool = False,
     ) -> None:
         super().__init__()
         channels = _check_counts("channels", channels, 1)
         blocks = _check_counts("blocks", blocks, 0)
         if len(channels) != len(blocks):
             raise ValueError(f"channels and blocks must have the same length, got {channels!r} and {blocks!r}")
+        if not isinstance(residual, bool):
+            raise ValueError(f"residual must be True or False, got {residual!r}")
         self.num_classes = num_classes
+        self.residual = residual
         self.stages = nn.ModuleList()
         prev = in_channels
         for i, (width, count) in enumerate(zip(channels, blocks)):
-            self.stages.append(GrowableStage(prev, width, stride=1 if i == 0 else 2, num_blocks=count))
+            self.stages.append(GrowableStage(prev, width, stride=1 if i == 0 else 2, num_blocks=count, residual=residual))
             prev = width
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(prev, num_classes)
@@ -131,12 +161,18 @@ class GrowableCNN(nn.Module):
             raise ValueError(f"stage_index must be an integer in [{-n}, {n - 1}], got {stage_index!r}")
         stage = self.stages[stage_index]
         width = stage.out_channels
-        block = ConvBlock(width, width)
-        with torch.no_grad():
-            nn.init.dirac_(block.conv.weight)
-            block.bn.reset_running_stats()  # mean 0, var 1
-            block.bn.weight.fill_(math.sqrt(1.0 + block.bn.eps))
-            block.bn.bias.zero_()
+        if self.residual:
+            block = ResidualBlock(width)
+            init_weights(block)
+            with torch.no_grad():
+                block.conv2.weight.zero_()  # the branch adds nothing yet: the identity in train and eval mode
+        else:
+            block = ConvBlock(width, width)
+            with torch.no_grad():
+                nn.init.dirac_(block.conv.weight)
+                block.bn.reset_running_stats()  # mean 0, var 1
+                block.bn.weight.fill_(math.sqrt(1.0 + block.bn.eps))
+                block.bn.bias.zero_()
         reference = next(stage.parameters())
         block.to(device=reference.device, dtype=reference.dtype)
         block.train(self.training)
@@ -159,6 +195,7 @@ def growable_cnn(
     in_channels: int = 3,
     channels: Sequence[int] = (16, 32, 64),
     blocks: Sequence[int] = (1, 1, 1),
+    residual: bool = False,
 ) -> GrowableCNN:
-    """Growable stage/block CNN for SECNN-style depth growth."""
-    return GrowableCNN(num_classes, in_channels, channels, blocks)
+    """Growable stage/block CNN for SECNN-style depth growth (``residual``: residual extra blocks)."""
+    return GrowableCNN(num_classes, in_channels, channels, blocks, residual)

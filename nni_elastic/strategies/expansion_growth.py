@@ -64,6 +64,21 @@ candidates are first ranked by a free proxy (the diagonal natural score, per cha
 group's existing outgoing weights, read from the current model's per-sample gradients) and only
 the ``k`` best are scored exactly; depth candidates are always scored.
 
+What a checkpoint of an earlier level holds (``history``): by default (``"snapshot"``) the model as
+it was when the expansion that closed the level was applied, early in the run and barely trained.
+With ``history="nested"`` the closed level stays inside the growing model as a nested
+sub-network (:mod:`nni_elastic.expansion.nested`: width growth appends channels, so the old
+model is a channel prefix; depth growth appends blocks, so it is the new model with them
+skipped) and keeps training until the end: each optimizer step trains the model on the labels
+and ``history_per_step`` history levels in turn on its detached soft predictions (in-place
+distillation, as prune-and-grow's joint step does for its levels), in one backward pass; the
+number of optimizer steps is unchanged, each costs the history levels' MACs more
+(``StrategyResult.compute``). The levels keep their own BatchNorm running statistics
+(``history_bn="private"``: their own BatchNorm weights too). At the end each level's checkpoint
+file is rewritten with its final weights (BatchNorm statistics recomputed as for snapshots): same
+format, same loader, ``step`` the run's last step, ``closed_at`` and ``snapshot_accuracy`` the
+moment it was closed.
+
 The applied expansion is the scored one: the chosen candidate's model (new tensors, new
 BatchNorm statistics) is kept from the check and copied into the model when it is applied, so
 whatever runs in between (evaluation, checkpointing, other random draws) cannot change it.
