@@ -137,6 +137,8 @@ def test_levels_are_chosen_in_turn():
     assert [choose_levels(3, s, 1) for s in range(4)] == [[0], [1], [2], [0]]
     assert choose_levels(3, 1, 2) == [0, 2]
     assert choose_levels(3, 5, None) == [0, 1, 2] and choose_levels(0, 5, 1) == []
+    assert [choose_levels(4, s, 1, smallest=True) for s in range(4)] == [[0, 1], [0, 2], [0, 3], [0, 1]]
+    assert choose_levels(1, 3, 1, smallest=True) == [0]
 
 
 def grow_run(digits, out, **kw):

@@ -145,10 +145,16 @@ def nested_step(model: nn.Module, levels: Sequence[NestedLevel], x: torch.Tensor
     return loss.detach()
 
 
-def choose_levels(count: int, step: int, per_step: Optional[int]) -> list[int]:
-    """The history levels a step trains: all (``per_step=None``) or ``per_step`` of them in turn (round robin)."""
+def choose_levels(count: int, step: int, per_step: Optional[int], smallest: bool = False) -> list[int]:
+    """The history levels a step trains: all (``per_step=None``) or ``per_step`` of them in turn (round robin).
+
+    ``smallest``: level 0 at every step (the sandwich rule's smallest network) and ``per_step`` of
+    the others in turn.
+    """
     if count == 0:
         return []
+    if smallest:
+        return [0] + [1 + i for i in choose_levels(count - 1, step, per_step)]
     if per_step is None or per_step >= count:
         return list(range(count))
     return sorted({(step * per_step + i) % count for i in range(per_step)})

@@ -270,6 +270,7 @@ class ExpansionGrowthOptions:
     checkpoint_bn_batches: int = option(20, ge=0)
     history: str = option("snapshot", choices=HISTORY_MODES)
     history_per_step: Optional[int] = option(1, ge=1)
+    history_smallest: bool = option(False)
     history_distill: float = option(1.0, ge=0, le=1)
     history_bn: str = option("shared", choices=HISTORY_BN)
 
@@ -349,6 +350,8 @@ class ExpansionGrowth(Strategy):
             checkpoint holds its final weights (:mod:`nni_elastic.expansion.nested`).
         history_per_step: ``"nested"``: history levels trained per optimizer step, in turn
             (default 1; ``None``: all of them every step).
+        history_smallest: ``"nested"``: the smallest level at every step, plus ``history_per_step``
+            of the others in turn (the sandwich rule's smallest network).
         history_distill: ``"nested"``: share of distillation in a history level's loss
             (1: the grown model's soft predictions only; 0: the labels only).
         history_bn: ``"nested"``: ``"shared"``: a history level's BatchNorm weights and biases
@@ -723,7 +726,7 @@ class ExpansionGrowth(Strategy):
     def _train_step(self, net: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step's loss and backward: the model on the labels, plus (``history="nested"``) history levels in turn."""
         o, st = self.options, self.state_
-        chosen = choose_levels(len(st.levels), st.steps_done, o.history_per_step)
+        chosen = choose_levels(len(st.levels), st.steps_done, o.history_per_step, o.history_smallest)
         st.steps_done += 1
         st.mac_samples += float(x.shape[0]) * (st.model_macs + sum(st.level_macs[i] for i in chosen))
         return nested_step(net, [st.levels[i] for i in chosen], x, y, distill=o.history_distill, base=st.model)
