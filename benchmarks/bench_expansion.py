@@ -219,15 +219,20 @@ def summarise(rows: list[dict]) -> list[str]:
         wall = [r["growth_seconds"] / r["fixed_final_seconds"] for r in rows]
         lines.append(f"training compute (forward MACs x samples, checks excluded) / fixed final's: "
                      f"{[round(c, 2) for c in compute]}; wall time growth / fixed final: {[round(w, 2) for w in wall]}")
+    total = all("fixed_accuracy_total_steps" in lv for r in rows for lv in r["levels"])
     lines += ["", "| seed | level | params | closed at step | accuracy then | checkpoint (steps) | fixed, same size and steps | "
-              "difference (pp) |", "|---|---|---|---|---|---|---|---|"]
+              "difference (pp) |" + (" fixed, same size, all steps | difference (pp) |" if total else ""),
+              "|---|---|---|---|---|---|---|---|" + ("---|---|" if total else "")]
     for r in rows:
         for lv in r["levels"]:
             then = lv.get("snapshot_accuracy")
-            lines.append(f"| {r['seed']} | {lv['level']} | {lv['params']} | {lv.get('closed_at') or ''} | "
-                         f"{'' if then is None else f'{100 * then:.2f}'} | {100 * lv['checkpoint_accuracy']:.2f} ({lv['step']}) | "
-                         f"{100 * lv['fixed_accuracy_same_steps']:.2f} | "
-                         f"{100 * (lv['checkpoint_accuracy'] - lv['fixed_accuracy_same_steps']):+.2f} |")
+            acc = lv["checkpoint_accuracy"]
+            line = (f"| {r['seed']} | {lv['level']} | {lv['params']} | {lv.get('closed_at') or ''} | "
+                    f"{'' if then is None else f'{100 * then:.2f}'} | {100 * acc:.2f} ({lv['step']}) | "
+                    f"{100 * lv['fixed_accuracy_same_steps']:.2f} | {100 * (acc - lv['fixed_accuracy_same_steps']):+.2f} |")
+            if total:
+                line += f" {100 * lv['fixed_accuracy_total_steps']:.2f} | {100 * (acc - lv['fixed_accuracy_total_steps']):+.2f} |"
+            lines.append(line)
     return lines
 
 
@@ -253,9 +258,28 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout(); fig.savefig(path, dpi=120); plt.close(fig)
 
 
-def merge(files: list[Path], out: Path) -> int:
+def add_total_steps(files: list[Path], runs: list[dict], args, device) -> None:
+    """Each checkpoint against a fixed network of its architecture trained for the run's total steps
+    (``fixed_accuracy_total_steps``; the same as ``fixed_accuracy_same_steps`` when the checkpoint had them all)."""
+    a = argparse.Namespace(**{**runs[0]["args"], "fixed_cache": args.fixed_cache})
+    splits = ne.data.load_dataset(a.data, root=a.data_root, limit=a.limit)
+    fixed_runs = FixedRuns(a, splits, device)
+    for f, run in zip(files, runs):
+        for r in run["seeds"]:
+            for lv in r["levels"]:
+                if lv["step"] == r["steps"]:
+                    lv["fixed_accuracy_total_steps"] = lv["fixed_accuracy_same_steps"]
+                    continue
+                grown, _ = load_growth_checkpoint(f.parent / f"{f.stem}_checkpoints" / f"seed{r['seed']}" / f"level{lv['level']}.pt")
+                lv["fixed_accuracy_total_steps"] = fixed_runs(grown, r["steps"], r["seed"],
+                                                              init=lambda m: reinit(m, r["seed"]))["accuracy"]
+
+
+def merge(files: list[Path], out: Path, args=None, device=None) -> int:
     """Combine single-seed runs (e.g. run as parallel processes) into one result, table and plot."""
     runs = [json.loads(f.read_text()) for f in files]
+    if args is not None and args.fixed_total:
+        add_total_steps(files, runs, args, device)
     result = {**runs[0], "seeds": [r for run in runs for r in run["seeds"]], "merged_from": [str(f) for f in files]}
     result["args"] = {**runs[0]["args"], "seeds": ",".join(str(r["seed"]) for r in result["seeds"])}
     if out.is_file():  # keep the check cost measured by an earlier run
@@ -305,6 +329,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-growth", action="store_true")
     p.add_argument("--merge", default=None, help="comma-separated JSON files of single-seed runs (same settings) to "
                    "combine into --out (its check cost is kept); no training")
+    p.add_argument("--fixed-total", action="store_true", help="with --merge: also compare every checkpoint with a "
+                   "fixed network of its architecture trained for all the run's steps")
     p.add_argument("--fixed-cache", default=None, help="JSON file of fixed-network results to reuse across runs")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="benchmarks/results/expansion.json")
@@ -313,7 +339,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        return merge([Path(f) for f in args.merge.split(",")], out)
+        return merge([Path(f) for f in args.merge.split(",")], out, args, device)
     result = {"args": vars(args), "device": str(device), "torch_threads": torch.get_num_threads()}
     if args.skip_growth and out.is_file():  # keep the growth results of an earlier run
         result = {**json.loads(out.read_text()), "cost_args": vars(args)}

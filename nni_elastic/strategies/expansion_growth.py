@@ -167,8 +167,10 @@ class GrowthResult:
 
         New channels are appended after the old ones, so each earlier stage's channel counts are a
         prefix of the final model's. The levels slice the *final* weights (old channels have kept
-        training after later growth), so their accuracy differs from the checkpoints': pass
-        ``calibration`` batches to recompute BatchNorm statistics, and evaluate them. Depth growth
+        training after later growth), so with ``history="snapshot"`` their accuracy differs from
+        the checkpoints' (with ``"nested"`` the levels were trained as such and the checkpoints
+        hold the same weights): pass ``calibration`` batches to recompute BatchNorm statistics,
+        and evaluate them. Depth growth
         (added blocks) cannot be expressed as levels: an ElasticModel has no skippable layers yet.
         """
         if not self.widths_only:
