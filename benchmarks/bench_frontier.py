@@ -66,8 +66,47 @@ def extra_levels(em: ne.ElasticModel, count: int) -> list[dict[str, int]]:
     return out
 
 
-def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, test: Any, device: torch.device) -> dict:
+class _Stop(Exception):
+    pass
+
+
+def twin_key(model_name: str, seed: int, channels: dict[str, int], args: argparse.Namespace) -> str:
+    """What decides a twin's accuracy: architecture, seed (init and data order), data and training settings."""
+    return json.dumps([model_name, seed, args.data, args.limit, args.epochs, args.lr, args.batch_size,
+                       sorted(channels.items())])
+
+
+def load_twins(path: Path) -> dict[str, dict]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def store_twin(path: Path, key: str, row: dict) -> None:
+    """Add one twin to the cache (re-read first: several processes may share the file)."""
+    cache = load_twins(path)
+    cache[key] = row
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cache, indent=1))
+    tmp.replace(path)
+
+
+def twin_accuracy(model_name: str, seed: int, em: ne.ElasticModel, i: int, args: argparse.Namespace, splits: Any,
+                  test: Any, device: torch.device) -> dict:
+    """Level ``i``'s architecture trained from scratch for ``--epochs`` (same data and order), from the cache if there."""
+    key = twin_key(model_name, seed, em.levels[i].channels, args)
+    cache = Path(args.twin_cache) if args.twin_cache else None
+    if cache is not None and key in load_twins(cache):
+        return load_twins(cache)[key]
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=seed)
+    twin = reinit(em.export(i), seed)
+    t0 = time.time()
+    train(twin, splits.train, None, cfg, device=device, quiet=args.quiet, desc=f"twin {i}")
+    row = {"twin_accuracy": evaluate(twin, test, device=device)["accuracy"], "twin_seconds": time.time() - t0}
+    if cache is not None:
+        store_twin(cache, key, row)
+    return row
+
+
+def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, test: Any, device: torch.device) -> dict:
     torch.manual_seed(seed)
     model = ne.create_model(model_name, num_classes=splits.num_classes, in_channels=splits.in_channels)
     spec = parse_spec(args.levels)
@@ -75,12 +114,27 @@ def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, 
     pretrain = args.epochs if args.pretrain_epochs is None else args.pretrain_epochs
     pg = ne.PruneAndGrow(**level_kw, pretrain_epochs=pretrain, prune_steps=args.prune_steps,
                          finetune_epochs=args.finetune_epochs, grow_epochs=args.grow_epochs,
-                         final_grow_epochs=args.final_grow_epochs, grow_lr=args.grow_lr, grow_mode=args.grow_mode,
+                         final_grow_epochs=args.final_grow_epochs, path_samples=args.path_samples, grow_lr=args.grow_lr,
+                         finetune_lr=args.finetune_lr, grow_mode=args.grow_mode,
                          importance=args.importance, lr=args.lr, batch_size=args.batch_size, seed=seed, device=device,
                          quiet=args.quiet)
     # the validation split only reports progress inside fit (nothing is selected on it): a part is enough
     val = Subset(splits.val, range(min(args.val_limit, len(splits.val)))) if args.val_limit else splits.val
     start = time.time()
+    if args.twins_only:  # the levels' architectures are fixed at the wrap: train their twins into the cache
+        def stop(info):
+            if info.name == "wrap":
+                raise _Stop
+
+        pg.on_step_end = stop
+        try:
+            pg.fit(model, splits.train, val, example_inputs=splits.example_inputs())
+        except _Stop:
+            pass
+        for i in range(pg.elastic_model_.num_levels):
+            row = twin_accuracy(model_name, seed, pg.elastic_model_, i, args, splits, test, device)
+            print(f"  {model_name} seed {seed} twin {i}: {100 * row['twin_accuracy']:.2f}", flush=True)
+        return {}
     em = pg.fit(model, splits.train, val, example_inputs=splits.example_inputs()).elastic_model
     seconds = time.time() - start
     full_macs = em.levels[-1].macs
@@ -107,11 +161,7 @@ def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, 
             print(f"  {model_name} seed {seed} level {i}: MACs {row['macs_ratio']:.3f}, elastic {100 * row['accuracy']:.2f}",
                   flush=True)
             continue
-        twin = reinit(em.export(i), seed)
-        t0 = time.time()
-        train(twin, splits.train, None, cfg, device=device, quiet=args.quiet, desc=f"twin {i}")
-        row["twin_accuracy"] = evaluate(twin, test, device=device)["accuracy"]
-        row["twin_seconds"] = time.time() - t0
+        row.update(twin_accuracy(model_name, seed, em, i, args, splits, test, device))
         row["delta_pp"] = 100 * (row["accuracy"] - row["twin_accuracy"])
         print(f"  {model_name} seed {seed} level {i}: MACs {row['macs_ratio']:.3f}, elastic {100 * row['accuracy']:.2f}, "
               f"twin {100 * row['twin_accuracy']:.2f} ({row['delta_pp']:+.2f} pp)", flush=True)
@@ -159,8 +209,12 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def table(model_name: str, summary: dict, args: argparse.Namespace, n_train: int, n_test: int) -> str:
+    schedule = ""
+    if getattr(args, "pretrain_epochs", None) is not None:  # the compute split, when not the default one
+        schedule = (f", pretrain {args.pretrain_epochs}, finetune {args.finetune_epochs}/step, grow {args.grow_epochs}, "
+                    f"final grow {args.final_grow_epochs}, path samples {getattr(args, 'path_samples', 0)}")
     lines = [f"### {model_name}, {args.levels}, seeds {summary['seeds']} ({n_train} train samples, {n_test} test, "
-             f"{args.epochs} epochs, grow_mode={args.grow_mode}, importance={args.importance})", "",
+             f"{args.epochs} epochs, grow_mode={args.grow_mode}, importance={args.importance}{schedule})", "",
              "| level | MACs ratio | latency ms (b{}) | elastic acc | twin acc | delta pp |".format(args.latency_batch),
              "|---|---|---|---|---|---|"]
     for r in summary["levels"]:
@@ -213,6 +267,42 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+# settings that may differ between the processes whose results --merge combines
+_PER_PROCESS = {"models", "seeds", "out", "resume", "quiet", "device", "twin_cache", "merge", "twins_only"}
+
+
+def merge(args: argparse.Namespace) -> int:
+    """Combine result files of separate processes (e.g. one per model or seed) into ``--out``: JSON, table, plot."""
+    files = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
+    settings = {k: v for k, v in files[0]["args"].items() if k not in _PER_PROCESS}
+    results: dict = {}
+    for path, data in zip(args.merge.split(","), files):
+        other = {k: v for k, v in data["args"].items() if k not in _PER_PROCESS}
+        if other != settings:
+            changed = sorted(k for k in set(other) | set(settings) if other.get(k) != settings.get(k))
+            raise SystemExit(f"--merge: {path} was run with other settings ({', '.join(changed)})")
+        for name, entry in data["results"].items():
+            target = results.setdefault(name, {"runs": []})
+            seeds = {r["seed"] for r in target["runs"]}
+            target["runs"] += [r for r in entry["runs"] if r["seed"] not in seeds]
+            target.update(train_samples=entry["train_samples"], test_samples=entry["test_samples"])
+    run_args = argparse.Namespace(**files[0]["args"])
+    tables = []
+    for name, entry in results.items():
+        entry["runs"].sort(key=lambda r: r["seed"])
+        entry["summary"] = summarize(entry["runs"])
+        tables.append(table(name, entry["summary"], run_args, entry["train_samples"], entry["test_samples"]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": files[0]["args"], "merged_from": args.merge.split(","), "device": files[0]["device"],
+                               "torch": files[0]["torch"], "date": files[0]["date"], "results": results}, indent=2))
+    text = "\n".join(tables)
+    print(text)
+    out.with_suffix(".md").write_text(text + "\n")
+    plot(results, out.with_suffix(".png"))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="resnet20,mobilenetv2_tiny")
@@ -231,8 +321,14 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-epochs", type=int, default=None, help="default: --epochs")
     p.add_argument("--final-grow-epochs", type=int, default=None, help="the last (joint: all levels) grow step; default --grow-epochs")
     p.add_argument("--grow-lr", type=float, default=None, help="default: the strategy's (lr / 2)")
+    p.add_argument("--finetune-lr", type=float, default=None, help="default: the strategy's (lr / 5)")
+    p.add_argument("--path-samples", type=int, default=0, help="random points between levels per joint batch")
     p.add_argument("--val-limit", type=int, default=2000, help="validation samples fit reports on (0: all)")
     p.add_argument("--no-twins", action="store_true", help="elastic levels only (quick iteration)")
+    p.add_argument("--twins-only", action="store_true",
+                   help="pretrain and choose the levels, then train only their twins into --twin-cache")
+    p.add_argument("--twin-cache", default="benchmarks/results/prune_and_grow_frontier_twins.json",
+                   help="twin accuracies by architecture, seed and training settings ('' : no cache)")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--latency-batch", type=int, default=64)
@@ -240,7 +336,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/prune_and_grow_frontier.json")
     p.add_argument("--resume", action="store_true", help="keep the seeds already in --out")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--merge", default=None, help="comma-separated result files to combine into --out (no training)")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args)
     device = resolve_device(args.device)
     out = Path(args.out)
     results: dict = json.loads(out.read_text())["results"] if args.resume and out.is_file() else {}
@@ -253,19 +352,22 @@ def main(argv=None) -> int:
                 continue
             splits = ne.data.load_dataset(args.data, root=args.data_root, limit=args.limit, seed=seed)
             test = splits.test if splits.test is not None else splits.val
-            entry["runs"].append(run_seed(name, seed, args, splits, test, device))
+            run = run_seed(name, seed, args, splits, test, device)
+            if args.twins_only:
+                continue
+            entry["runs"].append(run)
             if not args.no_twins:
                 entry["summary"] = summarize(entry["runs"])
             entry.update(train_samples=len(splits.train), test_samples=len(test))
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"args": vars(args), "device": str(device), "torch": torch.__version__,
                                        "date": time.strftime("%Y-%m-%d"), "results": results}, indent=2))
-        if entry["runs"] and not args.no_twins:
+        if entry["runs"] and not args.no_twins and not args.twins_only:
             entry["summary"] = summarize(entry["runs"])
             tables.append(table(name, entry["summary"], args, entry["train_samples"], entry["test_samples"]))
     text = "\n".join(tables)
     print(text)
-    if not args.no_twins:
+    if tables:
         out.with_suffix(".md").write_text(text + "\n")
         plot(results, out.with_suffix(".png"))
     return 0
