@@ -141,9 +141,10 @@ def test_levels_are_chosen_in_turn():
     assert choose_levels(1, 3, 1, smallest=True) == [0]
 
 
-def grow_run(digits, out, **kw):
+def grow_run(digits, out, residual=False, **kw):
     torch.manual_seed(0)
-    model = ne.create_model("growable_cnn", num_classes=10, in_channels=1, channels=[4, 8, 8], blocks=[0, 0, 0])
+    model = ne.create_model("growable_cnn", num_classes=10, in_channels=1, channels=[4, 8, 8], blocks=[0, 0, 0],
+                            residual=residual)
     settings = dict(threshold=0.0, check_every=10, warmup_steps=10, max_expansions=2, epochs=3, quiet=True, score_batch=64,
                     grow_until=0.5, history="nested", checkpoint_dir=out)
     settings.update(kw)
@@ -151,10 +152,12 @@ def grow_run(digits, out, **kw):
     return eg, eg.fit(model, digits.train, digits.val)
 
 
-@pytest.mark.parametrize("candidates, history_bn", [(["width"], "shared"), (["depth", "width"], "shared"),
-                                                    (["depth", "width"], "private")])
-def test_nested_checkpoints_hold_the_final_weights_and_load_as_before(digits, tmp_path, candidates, history_bn):
-    eg, result = grow_run(digits, tmp_path, candidates=candidates, history_bn=history_bn)
+@pytest.mark.parametrize("candidates, history_bn, residual", [(["width"], "shared", False), (["depth", "width"], "shared", False),
+                                                              (["depth", "width"], "private", False),
+                                                              (["depth", "width"], "shared", True)])
+def test_nested_checkpoints_hold_the_final_weights_and_load_as_before(digits, tmp_path, candidates, history_bn, residual):
+    eg, result = grow_run(digits, tmp_path, candidates=candidates, history_bn=history_bn, residual=residual,
+                          history_smallest=residual)
     res = result.details
     assert len(res.expansions) == 2 and len(res.checkpoints) == 3
     final = dict(res.model.named_parameters())
@@ -169,7 +172,7 @@ def test_nested_checkpoints_hold_the_final_weights_and_load_as_before(digits, tm
     assert [c.closed_at for c in res.checkpoints[:-1]] == [e["step"] for e in res.expansions]
     assert all(c.snapshot_accuracy is not None for c in res.checkpoints[:-1])
     # training the history levels costs compute: more MACs x samples than the same run without it
-    _, plain = grow_run(digits, tmp_path / "plain", candidates=candidates, history="snapshot")
+    _, plain = grow_run(digits, tmp_path / "plain", candidates=candidates, residual=residual, history="snapshot")
     assert [e["name"] for e in plain.details.expansions] == [e["name"] for e in res.expansions]
     assert result.compute["mac_samples"] > plain.compute["mac_samples"]
 
