@@ -263,6 +263,7 @@ def add_total_steps(files: list[Path], runs: list[dict], args, device) -> None:
     (``fixed_accuracy_total_steps``; the same as ``fixed_accuracy_same_steps`` when the checkpoint had them all)."""
     a = argparse.Namespace(**{**runs[0]["args"], "fixed_cache": args.fixed_cache})
     splits = ne.data.load_dataset(a.data, root=a.data_root, limit=a.limit)
+    splits.test_set = splits.test if splits.test is not None else splits.val
     fixed_runs = FixedRuns(a, splits, device)
     for f, run in zip(files, runs):
         for r in run["seeds"]:
