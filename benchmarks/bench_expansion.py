@@ -111,7 +111,8 @@ def train_fixed(model: torch.nn.Module, splits, steps: int, args, seed: int, dev
 def growth_settings(args) -> dict:
     keys = ("criterion", "threshold", "tau", "size_lambda", "check_every", "warmup_steps", "grow_until",
             "max_expansions", "max_params", "candidate_top_k", "width_fraction", "lr_schedule", "candidates",
-            "new_layer_noise", "history", "history_per_step", "history_distill", "history_bn", "history_smallest")
+            "new_layer_noise", "history", "history_per_step", "history_distill", "history_bn", "history_smallest",
+            "history_weight")
     out = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     out["candidates"] = out["candidates"].split(",")
     if out.get("history_per_step") == 0:
@@ -325,6 +326,7 @@ def main(argv=None) -> int:
     p.add_argument("--history-distill", type=float, default=None)
     p.add_argument("--history-bn", default=None, help="shared | private")
     p.add_argument("--history-smallest", action="store_true", default=None)
+    p.add_argument("--history-weight", type=float, default=None)
     p.add_argument("--cost-repeats", type=int, default=5)
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--skip-growth", action="store_true")

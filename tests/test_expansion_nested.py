@@ -217,3 +217,19 @@ def test_a_new_residual_block_is_trained_through_its_zero_conv(batch):
     rebuilt = ne.create_model("growable_cnn", **model.nni_elastic_arch["kwargs"])
     rebuilt.load_state_dict(model.state_dict())  # the architecture record rebuilds it (checkpoints)
     assert rebuilt.block_counts == [0, 1, 0] and rebuilt.residual
+
+
+def test_the_level_weight_scales_the_levels_gradient(batch):
+    x, y = batch
+    model = trained(batch, residual=True)
+    level = NestedLevel(copy.deepcopy(model))
+    grow_depth(model, x)
+
+    def grads(levels, weight=1.0):
+        model.zero_grad()
+        nested_step(model, levels, x, y, weight=weight)
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    alone, full, half = grads([]), grads([level]), grads([level], weight=0.5)
+    assert (full - alone).abs().max() > 0
+    assert torch.allclose(half - alone, 0.5 * (full - alone), atol=1e-6)

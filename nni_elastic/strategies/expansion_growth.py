@@ -274,6 +274,7 @@ class ExpansionGrowthOptions:
     history_per_step: Optional[int] = option(1, ge=1)
     history_smallest: bool = option(False)
     history_distill: float = option(1.0, ge=0, le=1)
+    history_weight: float = option(1.0, gt=0)
     history_bn: str = option("shared", choices=HISTORY_BN)
 
     def __post_init__(self) -> None:
@@ -356,6 +357,7 @@ class ExpansionGrowth(Strategy):
             of the others in turn (the sandwich rule's smallest network).
         history_distill: ``"nested"``: share of distillation in a history level's loss
             (1: the grown model's soft predictions only; 0: the labels only).
+        history_weight: ``"nested"``: factor of the history levels' losses against the model's.
         history_bn: ``"nested"``: ``"shared"``: a history level's BatchNorm weights and biases
             are slices of the model's (its running statistics are always its own);
             ``"private"``: its own, trained with it (switchable BatchNorm).
@@ -731,7 +733,8 @@ class ExpansionGrowth(Strategy):
         chosen = choose_levels(len(st.levels), st.steps_done, o.history_per_step, o.history_smallest)
         st.steps_done += 1
         st.mac_samples += float(x.shape[0]) * (st.model_macs + sum(st.level_macs[i] for i in chosen))
-        return nested_step(net, [st.levels[i] for i in chosen], x, y, distill=o.history_distill, base=st.model)
+        return nested_step(net, [st.levels[i] for i in chosen], x, y, distill=o.history_distill, weight=o.history_weight,
+                           base=st.model)
 
     def _export_nested(self, total_steps: int, epochs: int) -> None:
         """``history="nested"``: every history level's checkpoint becomes the level with its final weights (same files, same format)."""
