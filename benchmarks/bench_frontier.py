@@ -155,13 +155,15 @@ def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, 
     for row in levels + added:
         index = next(lv.index for lv in em.levels if lv.channels == row["channels"])
         row["latency_ms"] = em.measure_latency(index, batch_size=args.latency_batch, form="deploy")
-    # twins: each trained level's architecture from scratch, same epochs and data order
+    # twins: each trained level's architecture from scratch, same epochs and data order; the added
+    # levels shifted the indices, so a trained level is found by its channels
     for i, row in enumerate(levels):
         if args.no_twins:
             print(f"  {model_name} seed {seed} level {i}: MACs {row['macs_ratio']:.3f}, elastic {100 * row['accuracy']:.2f}",
                   flush=True)
             continue
-        row.update(twin_accuracy(model_name, seed, em, i, args, splits, test, device))
+        index = next(lv.index for lv in em.levels if lv.channels == row["channels"])
+        row.update(twin_accuracy(model_name, seed, em, index, args, splits, test, device))
         row["delta_pp"] = 100 * (row["accuracy"] - row["twin_accuracy"])
         print(f"  {model_name} seed {seed} level {i}: MACs {row['macs_ratio']:.3f}, elastic {100 * row['accuracy']:.2f}, "
               f"twin {100 * row['twin_accuracy']:.2f} ({row['delta_pp']:+.2f} pp)", flush=True)
@@ -287,6 +289,18 @@ def merge(args: argparse.Namespace) -> int:
             target["runs"] += [r for r in entry["runs"] if r["seed"] not in seeds]
             target.update(train_samples=entry["train_samples"], test_samples=entry["test_samples"])
     run_args = argparse.Namespace(**files[0]["args"])
+    # twins by architecture from the cache: results written before the added-levels index fix
+    # (twins of em.levels[i] after add_level, i.e. of other architectures) get their own twins
+    cache = load_twins(Path(args.twin_cache)) if args.twin_cache else {}
+    for name, entry in results.items():
+        for run in entry["runs"]:
+            for row in run["levels"]:
+                hit = cache.get(twin_key(name, run["seed"], row["channels"], run_args))
+                if hit is not None and hit["twin_accuracy"] != row.get("twin_accuracy"):
+                    row.update(hit, twin_corrected=True)
+                if hit is None and not row.get("twin_corrected"):
+                    row["twin_unchecked"] = True
+                row["delta_pp"] = 100 * (row["accuracy"] - row["twin_accuracy"])
     tables = []
     for name, entry in results.items():
         entry["runs"].sort(key=lambda r: r["seed"])
