@@ -741,15 +741,9 @@ class ExpansionGrowth(Strategy):
         st = self.state_
         for i, level in enumerate(st.levels):
             c = st.checkpoints[i]
-            model = level.export(st.model)
-            if self.options.checkpoint_bn_batches:
-                model = self._recalibrated(model)
-            acc = evaluate(model, st.val_data, device=st.device)["accuracy"]
-            meta = {"level": c.level, "params": c.params, "macs": c.macs, "accuracy": acc, "step": total_steps,
-                    "epoch": epochs, "expansion": c.expansion, "closed_at": c.step, "snapshot_accuracy": c.accuracy}
-            if self.checkpoint_dir is not None:
-                atomic_save(growth_payload(model, meta), self.checkpoint_dir / f"level{c.level}.pt")
-            st.checkpoints[i] = GrowthCheckpoint(path=c.path, **meta)
+            st.checkpoints[i] = self._write_level(level.export(st.model), True, {
+                "level": c.level, "params": c.params, "macs": c.macs, "step": total_steps, "epoch": epochs,
+                "expansion": c.expansion, "closed_at": c.step, "snapshot_accuracy": c.accuracy})
 
     def _recalibrated(self, model: nn.Module) -> nn.Module:
         """A copy of ``model`` whose BatchNorm statistics are recomputed on ``checkpoint_bn_batches`` training batches.
@@ -782,19 +776,24 @@ class ExpansionGrowth(Strategy):
 
     def _checkpoint(self, step: int, epoch: int, expansion: Optional[str]) -> None:
         st = self.state_
-        model = st.model
-        if expansion is not None and self.options.checkpoint_bn_batches:  # an intermediate level: a snapshot
-            model = self._recalibrated(model)
-        acc = evaluate(model, st.val_data, device=st.device)["accuracy"]
-        level = len(st.checkpoints)
-        path = None
-        meta = {"level": level, "params": _num_params(model), "macs": count_macs(model, st.example), "accuracy": acc,
+        meta = {"level": len(st.checkpoints), "params": _num_params(st.model), "macs": count_macs(st.model, st.example),
                 "step": step, "epoch": epoch, "expansion": expansion}
+        # an intermediate level is a snapshot: its BatchNorm statistics are recomputed on a copy
+        st.checkpoints.append(self._write_level(st.model, expansion is not None, meta))
+
+    def _write_level(self, model: nn.Module, recalibrate: bool, meta: dict[str, Any]) -> GrowthCheckpoint:
+        """Evaluate a level's model (``recalibrate``: a copy with recomputed BatchNorm statistics), write
+        ``level{i}.pt`` when there is a checkpoint directory, and return its record."""
+        st = self.state_
+        if recalibrate and self.options.checkpoint_bn_batches:
+            model = self._recalibrated(model)
+        meta = {**meta, "accuracy": evaluate(model, st.val_data, device=st.device)["accuracy"]}
+        path = None
         if self.checkpoint_dir is not None:
-            path = self.checkpoint_dir / f"level{level}.pt"
+            path = self.checkpoint_dir / f"level{meta['level']}.pt"
             atomic_save(growth_payload(model, meta), path)
             path = str(path)
-        st.checkpoints.append(GrowthCheckpoint(path=path, **meta))
+        return GrowthCheckpoint(path=path, **meta)
 
     # ------------------------------------------------------------------ resume
     def _save_state(self, opt: torch.optim.Optimizer, sched: Any, epoch: int) -> None:
