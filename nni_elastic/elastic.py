@@ -800,16 +800,13 @@ class ElasticModel(nn.Module):
             state.index += by
         if self.bn_mode == "per_level":
             state.bn_row = state.index
-        info = self.__dict__.get("_inference")
-        if info is not None:  # the statistics rows were replaced: every form is rebuilt on use
-            info["forms"] = {}
-            info["sources"] = None
+        self._drop_forms()  # the statistics rows were replaced: every form is rebuilt on use
 
     def _reprepare(self, pos: int) -> None:
         """Rebuild the prepared inference forms after a level was added at ``pos``: of every level if all
         the others had theirs (``prepare_inference`` was not lazy), else on use."""
         info = self.__dict__.get("_inference")
-        if info is not None and info.get("built_all", True):
+        if info is not None and info["built_all"]:
             for level in self.levels_:
                 self._prepared(level.index)
 
