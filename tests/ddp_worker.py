@@ -2,7 +2,8 @@
 
 Trains a small elastic CNN on a shard of a fixed data set with ``train`` (DistributedDataParallel
 inside), widens a layer mid-run the way growth does, and writes what the test compares:
-weights, BatchNorm statistics, the loss history, sharded and whole-set evaluations.
+weights, BatchNorm statistics, the loss history, sharded and whole-set evaluations; or (``nested``)
+runs expansion growth with nested history levels and writes the model's and the levels' tensors.
 """
 from __future__ import annotations
 
@@ -39,6 +40,19 @@ def main(out: Path, mode: str) -> None:
     dist.setup_from_env("cpu")
     torch.manual_seed(1234 + dist.rank())  # different on purpose: the DDP wrap must make the weights equal
     cfg = TrainConfig(epochs=2, lr=0.05, batch_size=16, seed=3)
+    if mode == "nested":  # growth whose history levels (own BatchNorm weights and statistics) train on every rank
+        import nni_elastic as ne
+
+        model = ne.create_model("growable_cnn", num_classes=4, in_channels=1, channels=[4, 8], blocks=[0, 0])
+        eg = ne.ExpansionGrowth(threshold=0.0, check_every=2, warmup_steps=2, max_expansions=2, grow_until=0.5, epochs=2,
+                                score_batch=16, lr=0.05, batch_size=16, seed=3, device="cpu", quiet=True,
+                                history="nested", history_bn="private")
+        history = eg.fit(model, data(96, 0), data(40, 1)).details.history
+        levels = {f"level{i}.{k}": v for i, lv in enumerate(eg.state_.levels) for k, v in lv.state().items()}
+        torch.save({"state": {**{k: v.detach().clone() for k, v in model.state_dict().items()}, **levels},
+                    "levels": len(eg.state_.levels), "history": history}, out / f"rank{dist.rank()}.pt")
+        dist.teardown()
+        return
     if mode == "elastic":
         em = ElasticModel(SmallNet(), torch.randn(1, 1, 6, 6), widths=(0.5, 1.0))
         history = train(em, data(96, 0), data(40, 1), cfg, step=elastic_step, device="cpu", quiet=True)

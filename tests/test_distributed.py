@@ -56,6 +56,15 @@ def test_growth_mid_run_is_rewrapped_and_sharded_evaluation_equals_whole_set(tmp
     assert not torch.equal(r0["state"]["bn.running_mean"], torch.zeros(8))
 
 
+def test_nested_history_levels_stay_identical_across_ranks(tmp_path):
+    r0, r1 = run_worker(tmp_path, "nested")
+    assert r0["levels"] == r1["levels"] >= 1
+    # the levels' own BatchNorm weights (outside DistributedDataParallel) and statistics agree too
+    assert any(k.startswith("level0.") and k.endswith(".bn.weight") for k in r0["state"])
+    assert any(k.startswith("level0.") and k.endswith("running_mean") for k in r0["state"])
+    assert_same_state(r0["state"], r1["state"])
+
+
 def test_a_decision_taken_on_one_rank_only_is_caught(tmp_path):
     proc = torchrun([str(WORKER), str(tmp_path), "diverge"])
     assert proc.returncode != 0
