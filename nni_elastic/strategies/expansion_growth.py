@@ -76,10 +76,10 @@ number of optimizer steps is unchanged, each costs the history levels' MACs more
 (``StrategyResult.compute``). The levels keep their own BatchNorm running statistics and, by
 default (``history_bn="private"``), their own BatchNorm weights and biases. The defaults
 (``history_smallest``: the smallest level at every step plus one other in turn; private
-BatchNorm) are the setting that met the growth targets on Fashion-MNIST (benchmarks/README.md:
-the final network within 1 pp of a fixed one of its architecture in the mean over seeds, every
-earlier level's checkpoint within 0.3 pp of a fixed network of its size trained as long); with
-several processes the levels' own tensors are averaged over them. At the end each level's checkpoint
+BatchNorm) are what measured best on Fashion-MNIST (benchmarks/README.md, 5 seeds: the final
+network -0.39 pp from a fixed one of its architecture trained as long, the earlier levels'
+checkpoints -0.26 pp from fixed networks of their size, in the mean); with several processes the
+levels' own tensors are averaged over them. At the end each level's checkpoint
 file is rewritten with its final weights (BatchNorm statistics recomputed as for snapshots): same
 format, same loader, ``step`` the run's last step, ``closed_at`` and ``snapshot_accuracy`` the
 moment it was closed.
