@@ -113,7 +113,7 @@ def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, 
     level_kw = {"widths": spec["widths"]} if "widths" in spec else {"levels": spec}
     pretrain = args.epochs if args.pretrain_epochs is None else args.pretrain_epochs
     pg = ne.PruneAndGrow(**level_kw, pretrain_epochs=pretrain, prune_steps=args.prune_steps,
-                         finetune_epochs=args.finetune_epochs, grow_epochs=args.grow_epochs,
+                         finetune_epochs=args.finetune_epochs, core_epochs=args.core_epochs, grow_epochs=args.grow_epochs,
                          final_grow_epochs=args.final_grow_epochs, path_samples=args.path_samples, grow_lr=args.grow_lr,
                          finetune_lr=args.finetune_lr, grow_mode=args.grow_mode,
                          importance=args.importance, lr=args.lr, batch_size=args.batch_size, seed=seed, device=device,
@@ -213,7 +213,9 @@ def summarize(runs: list[dict]) -> dict:
 def table(model_name: str, summary: dict, args: argparse.Namespace, n_train: int, n_test: int) -> str:
     schedule = ""
     if getattr(args, "pretrain_epochs", None) is not None:  # the compute split, when not the default one
-        schedule = (f", pretrain {args.pretrain_epochs}, finetune {args.finetune_epochs}/step, grow {args.grow_epochs}, "
+        core = getattr(args, "core_epochs", None)
+        schedule = (f", pretrain {args.pretrain_epochs}, finetune {args.finetune_epochs}/step"
+                    f"{'' if core is None else f' (core {core})'}, grow {args.grow_epochs}, "
                     f"final grow {args.final_grow_epochs}, path samples {getattr(args, 'path_samples', 0)}")
     lines = [f"### {model_name}, {args.levels}, seeds {summary['seeds']} ({n_train} train samples, {n_test} test, "
              f"{args.epochs} epochs, grow_mode={args.grow_mode}, importance={args.importance}{schedule})", "",
@@ -280,8 +282,9 @@ def merge(args: argparse.Namespace) -> int:
     results: dict = {}
     for path, data in zip(args.merge.split(","), files):
         other = {k: v for k, v in data["args"].items() if k not in _PER_PROCESS}
-        if other != settings:
-            changed = sorted(k for k in set(other) | set(settings) if other.get(k) != settings.get(k))
+        # a setting missing from an older file had its default, None
+        changed = sorted(k for k in set(other) | set(settings) if other.get(k) != settings.get(k))
+        if changed:
             raise SystemExit(f"--merge: {path} was run with other settings ({', '.join(changed)})")
         for name, entry in data["results"].items():
             target = results.setdefault(name, {"runs": []})
@@ -331,6 +334,8 @@ def main(argv=None) -> int:
     p.add_argument("--importance", default="l1")
     p.add_argument("--prune-steps", type=int, default=3)
     p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--core-epochs", type=int, default=None, help="fine-tuning epochs of the last pruning step (the core); "
+                   "default --finetune-epochs")
     p.add_argument("--grow-epochs", type=int, default=1)
     p.add_argument("--pretrain-epochs", type=int, default=None, help="default: --epochs")
     p.add_argument("--final-grow-epochs", type=int, default=None, help="the last (joint: all levels) grow step; default --grow-epochs")

@@ -57,6 +57,34 @@ def test_final_grow_epochs_defaults_to_grow_epochs(digits):
     assert (pg._grow_epochs(1, 3), pg._grow_epochs(2, 3)) == (1, 0)
 
 
+def test_core_epochs_trains_only_the_step_that_reaches_the_core(digits):
+    epochs = []
+    real = pg_module.train
+
+    def spy(model, *args, desc="", **kw):
+        if desc.startswith("prune"):
+            epochs.append((desc, args[2].epochs))
+        return real(model, *args, desc=desc, **kw)
+
+    pg = ne.PruneAndGrow(grow_epochs=1, core_epochs=3, grow_mode="freeze", **{**FAST, "prune_steps": 3})
+    with mock.patch.object(pg_module, "train", spy):
+        pg.fit(fresh_model(), digits.train, digits.val)
+    # 3 steps: an intermediate width, 0.5, then the core (0.25) with its own epochs
+    assert [e for _, e in epochs] == [1, 1, 3] and epochs[-1][0] == "prune to 0.25"
+    em = pg.elastic_model_
+    full = em.levels[-1].macs
+    above_core = sum(em.count(w)[0] / full for w in pg.prune_path()[:-1])
+    ratios = [lv.macs / full for lv in em.levels]
+    # pretraining, one epoch per step above the core, 3 at the core, one per grown level (freeze: that level alone)
+    assert pg.compute_["full_epochs"] == pytest.approx(1 + above_core + 3 * ratios[0] + ratios[1] + ratios[2])
+    assert pg.config()["core_epochs"] == 3 and pg._stale_levels(pg.elastic_model_) == []
+    assert ne.PruneAndGrow(core_epochs=0, grow_mode="freeze", **FAST)._stale_levels(pg.elastic_model_) == [0]
+    recipe = load_recipe("strategies/prune_and_grow/digits.yaml", overrides={"strategy.core_epochs": 5})
+    assert recipe.strategy.core_epochs == 5
+    with pytest.raises(RecipeError, match="core_epochs"):
+        load_recipe("strategies/prune_and_grow/digits.yaml", overrides={"strategy.core_epochs": -1})
+
+
 def test_freeze_mode_calibrates_a_last_level_that_never_trained():
     pg = ne.PruneAndGrow(grow_mode="freeze", grow_epochs=1, final_grow_epochs=0, **FAST)
     em = mock.Mock(num_levels=3, bn_mode="per_level", graph=mock.Mock(groups=[]), levels_=[mock.Mock(channels={"g": 1})])

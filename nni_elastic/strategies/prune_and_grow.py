@@ -71,6 +71,7 @@ class PruneAndGrowOptions:
     pretrain_epochs: int = option(0, ge=0)
     prune_steps: int = option(3, gt=0)
     finetune_epochs: int = option(1, ge=0)
+    core_epochs: Optional[int] = option(None, ge=0)
     grow_epochs: int = option(2, ge=0)
     final_grow_epochs: Optional[int] = option(None, ge=0)
     path_samples: int = option(0, ge=0)
@@ -99,6 +100,10 @@ class PruneAndGrow(Strategy):
             below the full width; extra steps insert intermediate widths in the largest gaps.
         pretrain_epochs: epochs of training the full network first (0 for a trained model).
         finetune_epochs: fine-tuning epochs after each pruning step.
+        core_epochs: fine-tuning epochs of the last pruning step, the one that reaches the core
+            (default ``finetune_epochs``). The core costs a fraction of an epoch of the full
+            network per epoch; the thesis fine-tunes its cores for 25 epochs. With
+            ``grow_mode="freeze"`` the core is final after this step.
         grow_epochs: training epochs per rebuilt level.
         final_grow_epochs: epochs of the last grow step (the largest level; with
             ``grow_mode="joint"`` every level trains in it by the sandwich rule); default
@@ -310,7 +315,7 @@ class PruneAndGrow(Strategy):
         """The strategy's settings as plain data (stored in checkpoints)."""
         o, t, e = self.options, self.train, self.elastic
         out = {"widths": e.widths, "levels": e.levels, "prune_steps": o.prune_steps, "pretrain_epochs": o.pretrain_epochs,
-               "finetune_epochs": o.finetune_epochs, "grow_epochs": o.grow_epochs,
+               "finetune_epochs": o.finetune_epochs, "core_epochs": o.core_epochs, "grow_epochs": o.grow_epochs,
                "final_grow_epochs": o.final_grow_epochs, "path_samples": o.path_samples, "grow_mode": o.grow_mode,
                "regrow": o.regrow, "lr": t.lr, "finetune_lr": self.finetune_lr, "grow_lr": self.grow_lr,
                "batch_size": t.batch_size, "optimizer": t.optimizer, "momentum": t.momentum,
@@ -386,7 +391,7 @@ class PruneAndGrow(Strategy):
         target = self._level_of(em, width)
         em.set_level(target)
         guard = ParameterGuard(em.model, em.parameter_masks(target))
-        epochs = self.options.finetune_epochs
+        epochs = self._finetune_epochs(target)
         hist = train(em, data.train, data.val, self._cfg(epochs, self.finetune_lr, index),
                      params=guard.params, after_step=guard, device=data.device, quiet=self.quiet, desc=f"prune to {self._macs_ratio(em, target):.1%} MACs" if isinstance(width, dict) else f"prune to {width:.2f}")
         ratio = self._macs_ratio(em, target)
@@ -394,6 +399,12 @@ class PruneAndGrow(Strategy):
         label = {"level": target} if isinstance(width, dict) and isinstance(target, int) else {}
         return {"width": None if isinstance(width, dict) else width, **label,
                 "val_accuracy": hist.last.get("val_accuracy"), "macs_ratio": ratio}
+
+    def _finetune_epochs(self, target: Union[int, float, dict]) -> int:
+        """Epochs of the pruning step to ``target``: ``core_epochs`` for the core (level 0), else ``finetune_epochs``."""
+        o = self.options
+        core = isinstance(target, int) and not isinstance(target, bool) and target == 0
+        return o.core_epochs if core and o.core_epochs is not None else o.finetune_epochs
 
     def _grow(self, em: ElasticModel, level: int, data: _Data, index: int) -> dict[str, Any]:
         em.set_level(level)
@@ -447,7 +458,7 @@ class PruneAndGrow(Strategy):
         ``grow_mode="joint"`` (or ``bn="shared"``): every level, since training a level moves weights
         (or the one set of statistics) that the others read. ``grow_mode="freeze"`` with per-level
         statistics: a level's statistics row is final once the level has trained on its own at its
-        final weights, the core in the last pruning step (``finetune_epochs > 0``) and each grown
+        final weights, the core in the last pruning step (``core_epochs`` or ``finetune_epochs`` > 0) and each grown
         level in its grow step (``grow_epochs``, or ``final_grow_epochs`` for the last, > 0);
         afterwards its weights are frozen and only the growing level runs train-mode forwards, which update only its own row. Recalibrating such
         a level would change its outputs after its build step, which freeze mode promises not to
@@ -458,7 +469,7 @@ class PruneAndGrow(Strategy):
             return every
         # the last pruning step trains the core alone, unless the core is the full network
         full = {g.name: g.size for g in em.graph.groups}
-        core_trained = self.options.finetune_epochs > 0 and em.levels_[0].channels != full
+        core_trained = self._finetune_epochs(0) > 0 and em.levels_[0].channels != full
         stale = [] if core_trained else [0]
         return stale + [i for i in every[1:] if self._grow_epochs(i, em.num_levels) == 0]
 
