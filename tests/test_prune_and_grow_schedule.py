@@ -132,3 +132,10 @@ def test_recipe_keys_and_their_errors(tmp_path):
             load_recipe("strategies/prune_and_grow/digits.yaml", overrides={key: bad})
     with pytest.raises(ValueError, match="path_samples=-1"):
         ne.PruneAndGrow(path_samples=-1)
+
+
+def test_resume_accepts_a_checkpoint_written_before_a_setting_existed():
+    stored = {k: v for k, v in ne.PruneAndGrow(**FAST).config().items() if k != "core_epochs"}
+    ne.PruneAndGrow(**FAST)._check_config(stored, "old.pt")  # core_epochs at its default (None): the same run
+    with pytest.raises(ValueError, match="core_epochs: None -> 2"):
+        ne.PruneAndGrow(core_epochs=2, **FAST)._check_config(stored, "old.pt")

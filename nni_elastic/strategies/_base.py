@@ -280,6 +280,8 @@ class Strategy(abc.ABC):
         if stored is None or stored == now:
             return
         keys = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+        if not keys:  # written before a setting existed, which has its default (None) now
+            return
         changes = ", ".join(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in keys)
         raise ValueError(f"resume: {path} was written with other settings ({changes}); resume with the same "
                          f"settings or start a new run in another checkpoint_dir")
