@@ -32,7 +32,7 @@ import torch.nn as nn
 
 __all__ = [
     "is_distributed", "rank", "world_size", "is_main", "setup_from_env", "teardown", "barrier", "from_main",
-    "all_reduce_", "sync_buffers", "check_in_sync", "shard_indices", "Replicated", "SyncError",
+    "all_reduce_", "mean_", "sync_buffers", "check_in_sync", "shard_indices", "Replicated", "SyncError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -123,17 +123,23 @@ def sync_buffers(model: nn.Module) -> None:
     whole batch stream (up to the spread of the shard means, which a running variance ignores
     in one process too). Integer buffers (batch counters) advance identically everywhere.
     """
+    mean_(b for b in model.buffers() if b.is_floating_point())
+
+
+@torch.no_grad()
+def mean_(tensors: Iterable[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over the processes, in one collective (float64 on the way)."""
     if not is_distributed():
         return
-    buffers = [b for b in model.buffers() if b.is_floating_point()]
-    if not buffers:
+    tensors = list(tensors)
+    if not tensors:
         return
-    flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in buffers])
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
     all_reduce_(flat, "mean")
     offset = 0
-    for b in buffers:
-        n = b.numel()
-        b.copy_(flat[offset:offset + n].view_as(b).to(b.dtype))
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t).to(t.dtype))
         offset += n
 
 

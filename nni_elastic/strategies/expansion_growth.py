@@ -117,7 +117,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import atomic_save, growth_payload, read_growth
 from ..device import resolve_device
-from ..distributed import all_reduce_, from_main, is_distributed, sync_buffers
+from ..distributed import from_main, mean_, sync_buffers
 from ..expansion.nested import NestedLevel, choose_levels, nested_step
 from ..expansion.ops import ParamChange, add_block, update_optimizer, widen_group
 from ..expansion.score import DiagonalFisher, FisherGram, _check_inputs, per_sample_gradients
@@ -744,11 +744,9 @@ class ExpansionGrowth(Strategy):
         st.mac_samples += float(x.shape[0]) * (st.model_macs + sum(st.level_macs[i] for i in chosen))
         loss = nested_step(net, [st.levels[i] for i in chosen], x, y, distill=o.history_distill, weight=o.history_weight,
                            base=st.model)
-        if is_distributed():  # the levels' own parameters live outside DistributedDataParallel: average them here
-            for i in chosen:  # the same levels, in the same order, on every process
-                for p in st.levels[i].own_parameters().values():
-                    if p.grad is not None:
-                        all_reduce_(p.grad, "mean")
+        # the levels' own parameters live outside DistributedDataParallel: average their gradients here
+        # (the same levels, in the same order, on every process)
+        mean_(p.grad for i in chosen for p in st.levels[i].own_parameters().values() if p.grad is not None)
         return loss
 
     def _export_nested(self, total_steps: int, epochs: int) -> None:
