@@ -66,6 +66,40 @@ def extra_levels(em: ne.ElasticModel, count: int) -> list[dict[str, int]]:
     return out
 
 
+def level_spec(em: ne.ElasticModel, channels: dict[str, int]) -> dict[str, Any]:
+    """Channel counts as a level: a count of 1 would read as the width 1.0 (the whole group), so it is a fraction."""
+    sizes = {g.name: g.size for g in em.graph.groups}
+    return {k: (v if v != 1 else 1.0 / sizes[k]) for k, v in channels.items()}
+
+
+def search_between(em: ne.ElasticModel, lo: dict[str, int], hi: dict[str, int], start: dict[str, int], trials: int,
+                   seed: int, evaluator: Any) -> tuple[dict[str, int], float, float]:
+    """Random search on the shared weights for the best nested configuration between two levels.
+
+    Each trial draws, per channel group, a point between the two levels (fractions 0, 1/4, ..., 1
+    of the gap); configurations above the MACs of ``start`` (the uniform added point) are redrawn
+    (up to 20 times). Every candidate's BatchNorm statistics are recalibrated and it is scored on
+    the validation split; ``start`` is the first candidate, so the search is never worse than it on
+    validation. Returns (channels, its validation accuracy, ``start``'s validation accuracy).
+    """
+    as_level = lambda c: level_spec(em, c)  # noqa: E731
+    cap = em.count(as_level(start))[0]
+    g = torch.Generator().manual_seed(seed)
+    best, best_acc = start, evaluator.evaluate(as_level(start))
+    for _ in range(trials):
+        for _ in range(20):
+            chans = {k: int(round(lo[k] + (hi[k] - lo[k]) * int(torch.randint(5, (1,), generator=g)) / 4)) for k in lo}
+            if chans not in (lo, hi) and em.count(as_level(chans))[0] <= cap:
+                break
+        else:
+            continue
+        acc = evaluator.evaluate(as_level(chans))
+        if acc > best_acc:
+            best, best_acc = chans, acc
+    em.set_level(-1)
+    return best, best_acc, evaluator.evaluate(as_level(start))
+
+
 class _Stop(Exception):
     pass
 
@@ -116,6 +150,7 @@ def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, 
                          finetune_epochs=args.finetune_epochs, core_epochs=args.core_epochs, grow_epochs=args.grow_epochs,
                          final_grow_epochs=args.final_grow_epochs, path_samples=args.path_samples, grow_lr=args.grow_lr,
                          finetune_lr=args.finetune_lr, grow_mode=args.grow_mode,
+                         distill=args.distill, distill_temperature=args.distill_temperature,
                          importance=args.importance, lr=args.lr, batch_size=args.batch_size, seed=seed, device=device,
                          quiet=args.quiet)
     # the validation split only reports progress inside fit (nothing is selected on it): a part is enough
@@ -152,9 +187,44 @@ def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, 
         with em.use_level(lv.index):
             acc = evaluate(em, test, device=device)["accuracy"]
         added.append({"channels": lv.channels, "macs": lv.macs, "macs_ratio": lv.macs / full_macs, "accuracy": acc})
+    # searched subnets: for each added point, the best of --search random nested configurations of
+    # the same gap within its MACs (validation split), added as a level too
+    searched = []
+    if args.search:
+        from nni_elastic.subnet import SubnetEvaluator
+
+        val_batches = Subset(splits.val, range(min(args.val_limit or len(splits.val), len(splits.val))))
+        evaluator = SubnetEvaluator(em, [x for x, _ in calibration], val_batches, device, False, 1, 1)
+        test_evaluator = SubnetEvaluator(em, [x for x, _ in calibration], test, device, False, 1, 1)
+        trained_chans = [r["channels"] for r in levels]
+        for j, row in enumerate(added):
+            i = max(k for k, c in enumerate(trained_chans) if all(c[g] <= row["channels"][g] for g in c))
+            chans, val_acc, uniform_val = search_between(em, trained_chans[i], trained_chans[i + 1], row["channels"],
+                                                         args.search, seed * 100 + j, evaluator)
+            em.set_level(-1)
+            if chans == row["channels"]:
+                searched.append({"channels": chans, "val_accuracy": val_acc, "uniform_val_accuracy": uniform_val,
+                                 "is_uniform": True})  # the added point itself: its test figures below
+                continue
+            # evaluated as an ad-hoc level (BatchNorm calibrated as add_level does): it need not nest with the
+            # uniform added points, so it is not added next to them
+            spec = level_spec(em, chans)
+            acc = test_evaluator.evaluate(spec)
+            macs = em.count(spec)[0]
+            em.set_level(-1)
+            searched.append({"channels": chans, "macs": macs, "macs_ratio": macs / full_macs, "accuracy": acc,
+                             "val_accuracy": val_acc, "uniform_val_accuracy": uniform_val})
+            print(f"  {model_name} seed {seed} searched {j}: MACs {macs / full_macs:.3f} (added {row['macs_ratio']:.3f}), "
+                  f"test {100 * acc:.2f} vs added {100 * row['accuracy']:.2f}", flush=True)
     for row in levels + added:
         index = next(lv.index for lv in em.levels if lv.channels == row["channels"])
         row["latency_ms"] = em.measure_latency(index, batch_size=args.latency_batch, form="deploy")
+    for row in searched:
+        if not row.get("is_uniform"):
+            row["latency_ms"] = em.measure_latency(level_spec(em, row["channels"]), batch_size=args.latency_batch, form="deploy")
+    for row, point in zip(searched, added):
+        if row.get("is_uniform"):
+            row.update({k: point[k] for k in ("macs", "macs_ratio", "accuracy", "latency_ms")})
     # twins: each trained level's architecture from scratch, same epochs and data order; the added
     # levels shifted the indices, so a trained level is found by its channels
     for i, row in enumerate(levels):
@@ -168,7 +238,7 @@ def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, 
         print(f"  {model_name} seed {seed} level {i}: MACs {row['macs_ratio']:.3f}, elastic {100 * row['accuracy']:.2f}, "
               f"twin {100 * row['twin_accuracy']:.2f} ({row['delta_pp']:+.2f} pp)", flush=True)
     compute = pg.compute_["full_epochs"] / args.epochs
-    return {"model": model_name, "seed": seed, "levels": levels, "added": added, "trained_levels": trained,
+    return {"model": model_name, "seed": seed, "levels": levels, "added": added, "searched": searched, "trained_levels": trained,
             "compute_vs_one_full_training": compute,
             "twins_compute_vs_one_full_training": sum(r["macs_ratio"] for r in levels),
             "prune_and_grow_seconds": seconds, "steps": pg.records_["steps"], "budget": pg.records_.get("budget")}
@@ -195,10 +265,16 @@ def summarize(runs: list[dict]) -> dict:
         added.append({"macs_ratio": statistics.fmean(r["added"][j]["macs_ratio"] for r in runs),
                       "latency_ms": statistics.fmean(r["added"][j]["latency_ms"] for r in runs),
                       "accuracy": mean_std([r["added"][j]["accuracy"] for r in runs])})
-    frontier = within + [a for a in added if a["accuracy"][0] >= full_twin - 0.01]
+    searched = []
+    for j in range(len(runs[0].get("searched", []))):
+        searched.append({"macs_ratio": statistics.fmean(r["searched"][j]["macs_ratio"] for r in runs),
+                         "latency_ms": statistics.fmean(r["searched"][j]["latency_ms"] for r in runs),
+                         "accuracy": mean_std([r["searched"][j]["accuracy"] for r in runs]),
+                         "gain_pp": mean_std([100 * (r["searched"][j]["accuracy"] - r["added"][j]["accuracy"]) for r in runs])})
+    frontier = within + [a for a in added + searched if a["accuracy"][0] >= full_twin - 0.01]
     compute = mean_std([r["compute_vs_one_full_training"] for r in runs])
     return {
-        "levels": rows, "added": added, "compute": compute, "seeds": [r["seed"] for r in runs],
+        "levels": rows, "added": added, "searched": searched, "compute": compute, "seeds": [r["seed"] for r in runs],
         "macs_cut_at_1pp": 1 - min(r["macs_ratio"] for r in within) if within else 0.0,
         "macs_cut_at_1pp_with_added": 1 - min(r["macs_ratio"] for r in frontier) if frontier else 0.0,
         "targets": {
@@ -217,6 +293,8 @@ def table(model_name: str, summary: dict, args: argparse.Namespace, n_train: int
         schedule = (f", pretrain {args.pretrain_epochs}, finetune {args.finetune_epochs}/step"
                     f"{'' if core is None else f' (core {core})'}, grow {args.grow_epochs}, "
                     f"final grow {args.final_grow_epochs}, path samples {getattr(args, 'path_samples', 0)}")
+        if getattr(args, "distill", 0):
+            schedule += f", distill {args.distill} at T={args.distill_temperature}"
     lines = [f"### {model_name}, {args.levels}, seeds {summary['seeds']} ({n_train} train samples, {n_test} test, "
              f"{args.epochs} epochs, grow_mode={args.grow_mode}, importance={args.importance}{schedule})", "",
              "| level | MACs ratio | latency ms (b{}) | elastic acc | twin acc | delta pp |".format(args.latency_batch),
@@ -228,10 +306,14 @@ def table(model_name: str, summary: dict, args: argparse.Namespace, n_train: int
     for a in summary["added"]:
         lines.append(f"| added | {a['macs_ratio']:.3f} | {a['latency_ms']:.2f} | {100 * a['accuracy'][0]:.2f} ± "
                      f"{100 * a['accuracy'][1]:.2f} | - | - |")
+    for a in summary.get("searched", []):
+        lines.append(f"| searched | {a['macs_ratio']:.3f} | {a['latency_ms']:.2f} | {100 * a['accuracy'][0]:.2f} ± "
+                     f"{100 * a['accuracy'][1]:.2f} | - | {a['gain_pp'][0]:+.2f} ± {a['gain_pp'][1]:.2f} vs added |")
     t = summary["targets"]
     c = summary["compute"]
     lines += ["", f"- training compute: {c[0]:.2f} ± {c[1]:.2f}x one full training for {len(summary['levels'])} trained levels "
-              f"({len(summary['levels']) + len(summary['added'])} levels with the added ones, same compute)",
+              f"({len(summary['levels']) + len(summary['added']) + len(summary.get('searched', []))} levels with the added "
+              "and searched ones, same compute)",
               f"- MACs cut at <= 1 pp below the full twin: {100 * summary['macs_cut_at_1pp']:.1f} % (trained levels), "
               f"{100 * summary['macs_cut_at_1pp_with_added']:.1f} % (with added levels)",
               "- targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in t.items()), ""]
@@ -257,6 +339,10 @@ def plot(results: dict, path: Path) -> None:
             if s["added"]:
                 ax.errorbar([a[key] for a in s["added"]], [100 * a["accuracy"][0] for a in s["added"]],
                             yerr=[100 * a["accuracy"][1] for a in s["added"]], fmt="^", capsize=3, label="added levels (no training)")
+            if s.get("searched"):
+                ax.errorbar([a[key] for a in s["searched"]], [100 * a["accuracy"][0] for a in s["searched"]],
+                            yerr=[100 * a["accuracy"][1] for a in s["searched"]], fmt="v", capsize=3,
+                            label="searched subnets (no training)")
             full = 100 * s["levels"][-1]["twin_accuracy"][0]
             ax.axhline(full - 1, color="grey", lw=0.8, ls=":", label="full twin - 1 pp")
             if key == "macs_ratio":
@@ -278,11 +364,13 @@ _PER_PROCESS = {"models", "seeds", "out", "resume", "quiet", "device", "twin_cac
 def merge(args: argparse.Namespace) -> int:
     """Combine result files of separate processes (e.g. one per model or seed) into ``--out``: JSON, table, plot."""
     files = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
+    defaults = vars(build_parser().parse_args([]))  # a setting missing from an older file had its default
+    for data in files:
+        data["args"] = {**defaults, **data["args"]}
     settings = {k: v for k, v in files[0]["args"].items() if k not in _PER_PROCESS}
     results: dict = {}
     for path, data in zip(args.merge.split(","), files):
         other = {k: v for k, v in data["args"].items() if k not in _PER_PROCESS}
-        # a setting missing from an older file had its default, None
         changed = sorted(k for k in set(other) | set(settings) if other.get(k) != settings.get(k))
         if changed:
             raise SystemExit(f"--merge: {path} was run with other settings ({', '.join(changed)})")
@@ -320,7 +408,7 @@ def merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="resnet20,mobilenetv2_tiny")
     p.add_argument("--data", default="fashion_mnist")
@@ -330,6 +418,8 @@ def main(argv=None) -> int:
     p.add_argument("--levels", default="macs:0.1,0.25,0.4,1.0", help="macs:... or widths:... (smallest first)")
     p.add_argument("--extra", type=int, default=4, help="levels added after training (add_level)")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--search", type=int, default=0,
+                   help="random nested configurations tried per added point on the validation split (0: no search)")
     p.add_argument("--grow-mode", default="joint")
     p.add_argument("--importance", default="l1")
     p.add_argument("--prune-steps", type=int, default=3)
@@ -342,6 +432,8 @@ def main(argv=None) -> int:
     p.add_argument("--grow-lr", type=float, default=None, help="default: the strategy's (lr / 2)")
     p.add_argument("--finetune-lr", type=float, default=None, help="default: the strategy's (lr / 5)")
     p.add_argument("--path-samples", type=int, default=0, help="random points between levels per joint batch")
+    p.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the pretrained network")
+    p.add_argument("--distill-temperature", type=float, default=4.0)
     p.add_argument("--val-limit", type=int, default=2000, help="validation samples fit reports on (0: all)")
     p.add_argument("--no-twins", action="store_true", help="elastic levels only (quick iteration)")
     p.add_argument("--twins-only", action="store_true",
@@ -356,7 +448,11 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="keep the seeds already in --out")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--merge", default=None, help="comma-separated result files to combine into --out (no training)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.merge:
         return merge(args)
     device = resolve_device(args.device)

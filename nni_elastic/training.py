@@ -29,7 +29,8 @@ from .options import check_options, option
 
 __all__ = [
     "TrainConfig", "History", "train", "evaluate", "evaluate_levels", "elastic_step", "plain_step",
-    "seed_everything", "make_optimizer", "make_scheduler",
+    "seed_everything", "make_optimizer", "make_scheduler", "distill_step", "IndexedDataset", "predictions",
+    "FORWARD_COST",
 ]
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,10 @@ logger = logging.getLogger(__name__)
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant")
 
-Step = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+Step = Callable[[nn.Module, torch.Tensor, Any], torch.Tensor]
+
+FORWARD_COST = 1 / 3
+"""A forward pass's share of the compute of a training step (forward plus backward, about 3 forwards)."""
 
 
 @dataclass
@@ -92,6 +96,70 @@ def plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
     loss = F.cross_entropy(model(x), y)
     loss.backward()
     return loss.detach()
+
+
+def distill_step(weight: float, temperature: float, *, targets: Optional[torch.Tensor] = None,
+                 teacher: Optional[nn.Module] = None) -> Step:
+    """A step that mixes the labels with a teacher's predictions (knowledge distillation, Hinton et al. 2015).
+
+    ``loss = (1 - weight) * CE(student, y) + weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))``.
+
+    The teacher's logits come from ``targets`` (one row per training sample, computed once by
+    :func:`predictions`; the batches then carry ``(labels, indices)``, see :class:`IndexedDataset`)
+    or from ``teacher`` run on every batch (eval mode, no gradients).
+    """
+    if (targets is None) == (teacher is None):
+        raise ValueError("distill_step needs exactly one of targets= (precomputed logits) and teacher= (a model)")
+
+    def step(model: nn.Module, x: torch.Tensor, y: Any) -> torch.Tensor:
+        logits = model(x)
+        if targets is not None:
+            y, index = y
+            target = targets[index.to(targets.device)].to(logits.device)
+        else:
+            with torch.no_grad():
+                target = teacher(x)
+        t = temperature
+        kd = F.kl_div((logits / t).log_softmax(dim=1), (target / t).softmax(dim=1), reduction="batchmean")
+        loss = (1 - weight) * F.cross_entropy(logits, y) + weight * t * t * kd
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+class IndexedDataset(Dataset):
+    """``dataset`` whose samples carry their index: ``(x, (y, i))`` (to look up per-sample targets)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Any, tuple[Any, int]]:
+        x, y = self.dataset[i]
+        return x, (y, i)
+
+
+@torch.no_grad()
+def predictions(model: nn.Module, data: Dataset, *, batch_size: int = 256,
+                device: str | torch.device = "auto") -> torch.Tensor:
+    """``model``'s logits (eval mode) for every sample of ``data``, in order, as float32 on the CPU.
+
+    A forward pass costs about a third of a training step (:data:`FORWARD_COST`). Every process of
+    a multi-process run computes all rows (each samples any index later).
+    """
+    device = resolve_device(device)
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for x, _ in DataLoader(data, batch_size=batch_size, shuffle=False):
+            rows.append(model(x.to(device)).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(rows)
 
 
 def elastic_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, levels: Optional[Sequence[int]] = None,
@@ -254,7 +322,7 @@ def train(
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=True if quiet or not dist.is_main() else None,
                    leave=False, dynamic_ncols=True, mininterval=0.5)
         for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = x.to(device, non_blocking=True), _to_device(y, device)
             opt.zero_grad(set_to_none=True)
             loss = step(net, x, y)
             opt.step()
@@ -281,6 +349,13 @@ def train(
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
     return history
+
+
+def _to_device(y: Any, device: torch.device) -> Any:
+    """Targets to ``device``: a tensor, or a tuple of them (labels with indices, see :class:`IndexedDataset`)."""
+    if isinstance(y, (tuple, list)):
+        return type(y)(_to_device(t, device) for t in y)
+    return y.to(device, non_blocking=True)
 
 
 def _sharded_loader(data: Dataset, cfg: TrainConfig) -> tuple[DataLoader, DistributedSampler]:

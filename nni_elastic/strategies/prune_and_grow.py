@@ -35,6 +35,7 @@ Example:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -52,7 +53,8 @@ from ..budget import Budgets, allocate, parse_levels
 from ..elastic import ElasticModel, check_widths
 from ..graph import GRADIENT_IMPORTANCES
 from ..options import check_options, option
-from ..training import TrainConfig, elastic_step, evaluate_levels, plain_step, seed_everything, train
+from ..training import (FORWARD_COST, IndexedDataset, TrainConfig, distill_step, elastic_step, evaluate_levels, plain_step,
+                        predictions, seed_everything, train)
 from ._base import (ElasticOptions, ParameterGuard, Step, StepInfo, Strategy, StrategyResult, example_from,
                     first_batches, num_samples, register_strategy)
 
@@ -80,6 +82,8 @@ class PruneAndGrowOptions:
     finetune_lr: Optional[float] = option(None, gt=0)
     grow_lr: Optional[float] = option(None, gt=0)
     calibrate_batches: int = option(20, ge=0)
+    distill: float = option(0.0, ge=0, le=1)
+    distill_temperature: float = option(4.0, gt=0)
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -113,6 +117,11 @@ class PruneAndGrow(Strategy):
             (each group's channels interpolated at one random fraction) also trained per batch,
             distilled from the largest level as the levels are; so ``ElasticModel.add_level``
             points between levels are trained points, not untrained combinations.
+        distill: weight in [0, 1] of distillation from the trained full network (its logits before
+            any pruning, computed once over the training set; Hinton et al. 2015) in the one-level
+            phases: the pruning fine-tunes and, with ``grow_mode="freeze"``, the grow steps (joint
+            grow steps distil from their largest level in place). 0 (default): labels only.
+        distill_temperature: softmax temperature of that distillation.
         grow_mode: ``"joint"`` (sandwich rule over the levels built so far) or ``"freeze"``
             (only the new channels train; smaller levels stay bit-identical).
         regrow: ``"restore"`` the pruned weights or ``"reinit"`` the re-enabled channels.
@@ -245,9 +254,14 @@ class PruneAndGrow(Strategy):
         steps = self.plan()
         em: Optional[ElasticModel] = None
         self.completed_, self.records_ = [], {"compute_full_epochs": 0.0, "steps": {}}
+        self.teacher_ = None
+        # a teacher run per batch (see _Teacher) is rebuilt on resume from a plain copy of the model
+        skeleton = copy.deepcopy(model) if resume and self.options.distill and isinstance(train_data, DataLoader) else None
         if resume:
             em = self._resume(model, device)
             self.elastic_model_ = em
+            if self.options.distill and "wrap" in self.completed_:
+                self.teacher_ = _Teacher.load(self._checkpoint_path("teacher.pt"), skeleton, device)
         model = model.to(device)
         for index, step in enumerate(steps):
             if step.name in self.completed_:
@@ -256,6 +270,8 @@ class PruneAndGrow(Strategy):
             if step.kind == "pretrain":
                 info = self._pretrain(model, data, index)
             elif step.kind == "wrap":
+                if self.options.distill:  # the trained full network, before any pruning
+                    self.teacher_ = self._make_teacher(model, data)
                 em = self._wrap(model, example, data)
                 info = {}
                 self.elastic_model_ = em
@@ -317,7 +333,9 @@ class PruneAndGrow(Strategy):
         out = {"widths": e.widths, "levels": e.levels, "prune_steps": o.prune_steps, "pretrain_epochs": o.pretrain_epochs,
                "finetune_epochs": o.finetune_epochs, "core_epochs": o.core_epochs, "grow_epochs": o.grow_epochs,
                "final_grow_epochs": o.final_grow_epochs, "path_samples": o.path_samples, "grow_mode": o.grow_mode,
-               "regrow": o.regrow, "lr": t.lr, "finetune_lr": self.finetune_lr, "grow_lr": self.grow_lr,
+               "regrow": o.regrow, "distill": o.distill or None,
+               "distill_temperature": o.distill_temperature if o.distill else None, "lr": t.lr,
+               "finetune_lr": self.finetune_lr, "grow_lr": self.grow_lr,
                "batch_size": t.batch_size, "optimizer": t.optimizer, "momentum": t.momentum,
                "weight_decay": t.weight_decay, "bn": e.bn, "round_to": e.round_to,
                "calibrate_batches": o.calibrate_batches, "seed": t.seed}
@@ -392,8 +410,9 @@ class PruneAndGrow(Strategy):
         em.set_level(target)
         guard = ParameterGuard(em.model, em.parameter_masks(target))
         epochs = self._finetune_epochs(target)
-        hist = train(em, data.train, data.val, self._cfg(epochs, self.finetune_lr, index),
-                     params=guard.params, after_step=guard, device=data.device, quiet=self.quiet, desc=f"prune to {self._macs_ratio(em, target):.1%} MACs" if isinstance(width, dict) else f"prune to {width:.2f}")
+        train_data, step = self._single_level(data, epochs)
+        hist = train(em, train_data, data.val, self._cfg(epochs, self.finetune_lr, index),
+                     step=step, params=guard.params, after_step=guard, device=data.device, quiet=self.quiet, desc=f"prune to {self._macs_ratio(em, target):.1%} MACs" if isinstance(width, dict) else f"prune to {width:.2f}")
         ratio = self._macs_ratio(em, target)
         self.records_["compute_full_epochs"] += epochs * ratio
         label = {"level": target} if isinstance(width, dict) and isinstance(target, int) else {}
@@ -413,16 +432,18 @@ class PruneAndGrow(Strategy):
         fresh = {k: new[k] & ~old[k] for k in new}
         if self.options.regrow == "reinit":
             _reinit(em.model, fresh)
+        epochs = self._grow_epochs(level, em.num_levels)
+        train_data = data.train
         if self.options.grow_mode == "freeze":
-            trainable, step, levels = fresh, plain_step, [level]
+            trainable, levels = fresh, [level]
+            train_data, step = self._single_level(data, epochs)
         else:
             trainable, levels = new, list(range(level + 1))
             points = _PathPoints([em.channels_of(i) for i in levels], {g.name: g.size for g in em.graph.groups},
                                  self.options.path_samples, self.train.seed + 1000 * index)
             step = lambda m, x, y: elastic_step(m, x, y, levels=levels, extra=points())  # noqa: E731
         guard = ParameterGuard(em.model, trainable)
-        epochs = self._grow_epochs(level, em.num_levels)
-        hist = train(em, data.train, data.val, self._cfg(epochs, self.grow_lr, index),
+        hist = train(em, train_data, data.val, self._cfg(epochs, self.grow_lr, index),
                      step=step, params=guard.params, after_step=guard, device=data.device, quiet=self.quiet,
                      desc=f"grow level {level}")
         ratios = [self._macs_ratio(em, i) for i in levels]
@@ -434,6 +455,44 @@ class PruneAndGrow(Strategy):
             path = self.options.path_samples * sum(gaps) / len(gaps)
         self.records_["compute_full_epochs"] += epochs * (sum(ratios) + path)
         return {"level": level, "val_accuracy": hist.last.get("val_accuracy")}
+
+    def _make_teacher(self, model: nn.Module, data: _Data) -> "_Teacher":
+        """Distillation targets from the trained full network: its logits per training sample, computed once.
+
+        The one forward pass over the training set counts :data:`FORWARD_COST` full epochs. A
+        ``DataLoader`` (no sample indices) or logits too large to hold (over 2 GiB) fall back to a
+        frozen copy of the network run on every distilled batch; each distilled epoch then costs
+        ``FORWARD_COST`` more full epochs.
+        """
+        path = self._checkpoint_path("teacher.pt") if self.checkpoint_dir is not None else None
+        rows = None if isinstance(data.train, DataLoader) else num_samples(data.train)
+        if rows is not None:
+            classes = _num_outputs(model, example_from(data.train).to(data.device)) if rows else 0
+            if rows * classes * 4 <= 2 ** 31:
+                logits = predictions(model, data.train, batch_size=max(256, self.train.batch_size), device=data.device)
+                self.records_["compute_full_epochs"] += FORWARD_COST
+                teacher = _Teacher(targets=logits.to(data.device))
+                if path is not None and is_main():
+                    teacher.save(path)
+                return teacher
+            reason = f"its logits ({rows} samples x {classes} classes) would take over 2 GiB"
+        else:
+            reason = "the training data is a DataLoader, which gives no sample indices"
+        logger.warning("distill: %s; the trained network runs as teacher on every distilled batch instead "
+                       "(each distilled epoch costs %.2f full epochs more)", reason, FORWARD_COST)
+        teacher = _Teacher(model=_frozen_copy(model))
+        if path is not None and is_main():
+            teacher.save(path)
+        return teacher
+
+    def _single_level(self, data: _Data, epochs: int) -> tuple[Any, Any]:
+        """The training data and step of a one-level phase (pruning fine-tune, freeze-mode grow)."""
+        teacher = self.teacher_
+        if teacher is None:
+            return data.train, plain_step
+        o = self.options
+        self.records_["compute_full_epochs"] += epochs * teacher.cost_per_epoch
+        return teacher.data(data.train), teacher.step(o.distill, o.distill_temperature)
 
     def _grow_epochs(self, level: int, num_levels: int) -> int:
         final = self.options.final_grow_epochs
@@ -558,6 +617,64 @@ class _Data:
     train: Any
     val: Any
     device: torch.device
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def _num_outputs(model: nn.Module, example: torch.Tensor) -> int:
+    was_training = model.training
+    model.eval()  # a train-mode forward would move the BatchNorm statistics
+    try:
+        return int(model(example).shape[-1])
+    finally:
+        model.train(was_training)
+
+
+class _Teacher:
+    """Where the distillation targets come from: logits per training sample, or a frozen model run per batch."""
+
+    def __init__(self, *, targets: Optional[torch.Tensor] = None, model: Optional[nn.Module] = None) -> None:
+        self.targets, self.model = targets, model
+
+    @property
+    def cost_per_epoch(self) -> float:
+        """Full-network epochs a distilled epoch adds (the teacher's forward passes)."""
+        return 0.0 if self.targets is not None else FORWARD_COST
+
+    def data(self, train: Any) -> Any:
+        return IndexedDataset(train) if self.targets is not None else train
+
+    def step(self, weight: float, temperature: float) -> Any:
+        return distill_step(weight, temperature, targets=self.targets, teacher=self.model)
+
+    def save(self, path: Any) -> None:
+        if self.targets is not None:
+            payload = {"targets": self.targets.detach().cpu()}
+        else:
+            payload = {"state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
+        atomic_save(payload, path)
+
+    @classmethod
+    def load(cls, path: Any, skeleton: Optional[nn.Module], device: torch.device) -> "_Teacher":
+        from pathlib import Path
+
+        if not Path(path).is_file():
+            raise CheckpointError(f"resume: {path} (the distillation teacher) is missing; the run's pruning has "
+                                  f"started, so the trained network cannot be recovered: start a new run")
+        payload = read_checkpoint(path, what="distillation teacher")
+        if isinstance(payload, dict) and isinstance(payload.get("targets"), torch.Tensor):
+            return cls(targets=payload["targets"].to(device))
+        if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict) and skeleton is not None:
+            skeleton.load_state_dict(payload["state_dict"])
+            return cls(model=_frozen_copy(skeleton.to(device)))
+        raise CheckpointError(f"resume: {path} is not this run's distillation teacher; remove the checkpoint "
+                              f"directory's files to start again")
 
 
 @torch.no_grad()
