@@ -312,8 +312,8 @@ def table(model_name: str, summary: dict, args: argparse.Namespace, n_train: int
     t = summary["targets"]
     c = summary["compute"]
     lines += ["", f"- training compute: {c[0]:.2f} ± {c[1]:.2f}x one full training for {len(summary['levels'])} trained levels "
-              f"({len(summary['levels']) + len(summary['added']) + len(summary.get('searched', []))} levels with the added "
-              "and searched ones, same compute)",
+              f"({len(summary['levels']) + len(summary['added'])} levels with the added ones, same compute; each searched subnet "
+              "is an alternative to the added point of its row, not nested with it)",
               f"- MACs cut at <= 1 pp below the full twin: {100 * summary['macs_cut_at_1pp']:.1f} % (trained levels), "
               f"{100 * summary['macs_cut_at_1pp_with_added']:.1f} % (with added levels)",
               "- targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in t.items()), ""]
