@@ -10,7 +10,9 @@ For each model and seed:
    ``len(levels) + extra`` operating points for the same training compute;
 3. every trained level's architecture (its export, re-initialised) is trained from scratch for
    ``--epochs`` epochs: its "twin";
-4. each level's test accuracy, MACs, deployed latency (batch ``--latency-batch``) and the
+4. with ``--search N``, for each added point the best of N random nested configurations of its gap
+   within its MACs (validation split, BatchNorm recalibrated): a "searched subnet";
+5. each level's test accuracy, MACs, deployed latency (batch ``--latency-batch``) and the
    training compute (MACs x samples, in units of one full training) are recorded.
 
 The table gives mean and standard deviation over seeds; results go to JSON after every seed
@@ -188,7 +190,7 @@ def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, 
             acc = evaluate(em, test, device=device)["accuracy"]
         added.append({"channels": lv.channels, "macs": lv.macs, "macs_ratio": lv.macs / full_macs, "accuracy": acc})
     # searched subnets: for each added point, the best of --search random nested configurations of
-    # the same gap within its MACs (validation split), added as a level too
+    # the same gap within its MACs (validation split), tested as an ad-hoc level
     searched = []
     if args.search:
         from nni_elastic.subnet import SubnetEvaluator
