@@ -87,7 +87,8 @@ def search_between(em: ne.ElasticModel, lo: dict[str, int], hi: dict[str, int], 
     as_level = lambda c: level_spec(em, c)  # noqa: E731
     cap = em.count(as_level(start))[0]
     g = torch.Generator().manual_seed(seed)
-    best, best_acc = start, evaluator.evaluate(as_level(start))
+    start_acc = evaluator.evaluate(as_level(start))
+    best, best_acc = start, start_acc
     for _ in range(trials):
         for _ in range(20):
             chans = {k: int(round(lo[k] + (hi[k] - lo[k]) * int(torch.randint(5, (1,), generator=g)) / 4)) for k in lo}
@@ -99,7 +100,7 @@ def search_between(em: ne.ElasticModel, lo: dict[str, int], hi: dict[str, int], 
         if acc > best_acc:
             best, best_acc = chans, acc
     em.set_level(-1)
-    return best, best_acc, evaluator.evaluate(as_level(start))
+    return best, best_acc, start_acc
 
 
 class _Stop(Exception):
@@ -203,7 +204,6 @@ def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, 
             i = max(k for k, c in enumerate(trained_chans) if all(c[g] <= row["channels"][g] for g in c))
             chans, val_acc, uniform_val = search_between(em, trained_chans[i], trained_chans[i + 1], row["channels"],
                                                          args.search, seed * 100 + j, evaluator)
-            em.set_level(-1)
             if chans == row["channels"]:
                 searched.append({"channels": chans, "val_accuracy": val_acc, "uniform_val_accuracy": uniform_val,
                                  "is_uniform": True})  # the added point itself: its test figures below

@@ -1,4 +1,4 @@
-"""Shared helpers of the elastic-core property tests (``test_graph.py``, ``test_elastic.py``)."""
+"""Shared helpers of the elastic-core property tests (``test_graph.py``, ``test_elastic.py``) and the prune-and-grow tests."""
 from __future__ import annotations
 
 import torch
@@ -39,3 +39,11 @@ def perturb_bn(model: nn.Module, x: torch.Tensor, seed: int = 0, steps: int = 3)
 
 def batch(in_channels: int = 3, n: int = 4, size: int = SIZE, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, in_channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def digits_resnet20(seed: int = 0) -> nn.Module:
+    """A ResNet-20 for the digits data (one input channel, 10 classes), initialised by ``seed``."""
+    import nni_elastic as ne
+
+    torch.manual_seed(seed)
+    return ne.create_model("resnet20", num_classes=NUM_CLASSES, in_channels=1)

@@ -9,6 +9,7 @@ import torch
 import nni_elastic as ne
 from nni_elastic.cli import main
 from nni_elastic.training import evaluate_levels
+from elastic_utils import digits_resnet20 as fresh_model
 
 FAST = dict(widths=(0.25, 0.5, 1.0), pretrain_epochs=2, prune_steps=2, finetune_epochs=1, grow_epochs=1,
             batch_size=32, calibrate_batches=4, quiet=True)
@@ -21,11 +22,6 @@ TRAINED = FAST | dict(finetune_epochs=3)
 @pytest.fixture(scope="module")
 def digits():
     return ne.data.load_dataset("digits", limit=500)
-
-
-def fresh_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return ne.create_model("resnet20", num_classes=10, in_channels=1)
 
 
 def level_weights(em: ne.ElasticModel, level: int) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ import nni_elastic as ne
 from nni_elastic.checkpoint import CheckpointError, read_checkpoint
 from nni_elastic.config import RecipeError, load_recipe
 from nni_elastic.training import FORWARD_COST, IndexedDataset, distill_step, predictions
+from elastic_utils import digits_resnet20 as fresh_model
 
 FAST = dict(widths=(0.5, 1.0), pretrain_epochs=1, prune_steps=1, finetune_epochs=1, grow_epochs=1,
             grow_mode="freeze", batch_size=32, calibrate_batches=2, quiet=True)
@@ -24,11 +25,6 @@ class Interrupt(Exception):
 @pytest.fixture(scope="module")
 def digits():
     return ne.data.load_dataset("digits", limit=200)
-
-
-def fresh_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return ne.create_model("resnet20", num_classes=10, in_channels=1)
 
 
 def grads_of(model: torch.nn.Module) -> list[torch.Tensor]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 from unittest import mock
 
 import pytest
-import torch
 
 import nni_elastic as ne
 import nni_elastic.strategies.prune_and_grow as pg_module
 from nni_elastic.config import RecipeError, load_recipe
+from elastic_utils import digits_resnet20 as fresh_model
 
 FAST = dict(widths=(0.25, 0.5, 1.0), pretrain_epochs=1, prune_steps=2, finetune_epochs=1, batch_size=32,
             calibrate_batches=2, quiet=True)
@@ -17,11 +17,6 @@ FAST = dict(widths=(0.25, 0.5, 1.0), pretrain_epochs=1, prune_steps=2, finetune_
 @pytest.fixture(scope="module")
 def digits():
     return ne.data.load_dataset("digits", limit=300)
-
-
-def fresh_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return ne.create_model("resnet20", num_classes=10, in_channels=1)
 
 
 def spy_steps(pg: ne.PruneAndGrow, digits) -> list[tuple[tuple[int, ...], list[dict]]]:

@@ -40,11 +40,12 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..checkpoint import CheckpointError, atomic_save, read_checkpoint
 from ..device import resolve_device
@@ -464,25 +465,22 @@ class PruneAndGrow(Strategy):
         frozen copy of the network run on every distilled batch; each distilled epoch then costs
         ``FORWARD_COST`` more full epochs.
         """
-        path = self._checkpoint_path("teacher.pt") if self.checkpoint_dir is not None else None
-        rows = None if isinstance(data.train, DataLoader) else num_samples(data.train)
-        if rows is not None:
-            classes = _num_outputs(model, example_from(data.train).to(data.device)) if rows else 0
+        teacher, reason = None, "the training data is a DataLoader, which gives no sample indices"
+        if not isinstance(data.train, DataLoader):
+            rows = num_samples(data.train)
+            classes = predictions(model, Subset(data.train, range(min(1, rows))), device=data.device).shape[-1]
             if rows * classes * 4 <= 2 ** 31:
                 logits = predictions(model, data.train, batch_size=max(256, self.train.batch_size), device=data.device)
                 self.records_["compute_full_epochs"] += FORWARD_COST
                 teacher = _Teacher(targets=logits.to(data.device))
-                if path is not None and is_main():
-                    teacher.save(path)
-                return teacher
-            reason = f"its logits ({rows} samples x {classes} classes) would take over 2 GiB"
-        else:
-            reason = "the training data is a DataLoader, which gives no sample indices"
-        logger.warning("distill: %s; the trained network runs as teacher on every distilled batch instead "
-                       "(each distilled epoch costs %.2f full epochs more)", reason, FORWARD_COST)
-        teacher = _Teacher(model=_frozen_copy(model))
-        if path is not None and is_main():
-            teacher.save(path)
+            else:
+                reason = f"its logits ({rows} samples x {classes} classes) would take over 2 GiB"
+        if teacher is None:
+            logger.warning("distill: %s; the trained network runs as teacher on every distilled batch instead "
+                           "(each distilled epoch costs %.2f full epochs more)", reason, FORWARD_COST)
+            teacher = _Teacher(model=_frozen_copy(model))
+        if self.checkpoint_dir is not None and is_main():
+            teacher.save(self._checkpoint_path("teacher.pt"))
         return teacher
 
     def _single_level(self, data: _Data, epochs: int) -> tuple[Any, Any]:
@@ -626,16 +624,6 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
     return teacher
 
 
-@torch.no_grad()
-def _num_outputs(model: nn.Module, example: torch.Tensor) -> int:
-    was_training = model.training
-    model.eval()  # a train-mode forward would move the BatchNorm statistics
-    try:
-        return int(model(example).shape[-1])
-    finally:
-        model.train(was_training)
-
-
 class _Teacher:
     """Where the distillation targets come from: logits per training sample, or a frozen model run per batch."""
 
@@ -662,8 +650,6 @@ class _Teacher:
 
     @classmethod
     def load(cls, path: Any, skeleton: Optional[nn.Module], device: torch.device) -> "_Teacher":
-        from pathlib import Path
-
         if not Path(path).is_file():
             raise CheckpointError(f"resume: {path} (the distillation teacher) is missing; the run's pruning has "
                                   f"started, so the trained network cannot be recovered: start a new run")
