@@ -8,8 +8,8 @@ For each model and seed:
 2. ``--extra`` more levels are added after training with ``ElasticModel.add_level`` (channels
    between two trained levels, BatchNorm calibrated; no training), so the model ships
    ``len(levels) + extra`` operating points for the same training compute;
-3. every trained level's architecture (its export, re-initialised) is trained from scratch for
-   ``--epochs`` epochs: its "twin";
+3. every trained level's architecture (its export, re-initialised as the model zoo initialises a
+   network: ``--twin-init model``) is trained from scratch for ``--epochs`` epochs: its "twin";
 4. with ``--search N``, for each added point the best of N random nested configurations of its gap
    within its MACs (validation split, BatchNorm recalibrated): a "searched subnet";
 5. each level's test accuracy, MACs, deployed latency (batch ``--latency-batch``) and the
@@ -21,7 +21,8 @@ The table gives mean and standard deviation over seeds; results go to JSON after
 Targets (issue 13): a level within 1 pp of the full twin at <= 40 % of its MACs; every level >=
 its twin - 0.3 pp in the mean, the smallest >= its twin; compute <= 1.5x one full training.
 
-    python benchmarks/bench_frontier.py --models resnet20,mobilenetv2_tiny --seeds 0,1,2 --limit 6000 --epochs 8
+    python benchmarks/bench_frontier.py --models resnet20,mobilenetv2_tiny,vgg16_bn:width_multiplier=0.25 \
+        --seeds 0,1,2 --limit 6000 --epochs 8
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ import torch
 import nni_elastic as ne
 from nni_elastic.budget import parse_levels
 from nni_elastic.device import resolve_device
+from nni_elastic.models._layers import init_weights
 from nni_elastic.strategies._base import first_batches
 from nni_elastic.training import TrainConfig, evaluate, train
 from torch.utils.data import Subset
@@ -107,10 +109,33 @@ class _Stop(Exception):
     pass
 
 
+def build_model(spec: str, splits: Any) -> torch.nn.Module:
+    """``name`` or ``name:key=value:...`` (e.g. ``vgg16_bn:width_multiplier=0.25``), for the data's classes and channels."""
+    name, *pairs = spec.split(":")
+    kwargs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--models: {pair!r} in {spec!r} is not key=value (e.g. vgg16_bn:width_multiplier=0.25)")
+        kwargs[key] = json.loads(value)
+    return ne.create_model(name, num_classes=splits.num_classes, in_channels=splits.in_channels, **kwargs)
+
+
 def twin_key(model_name: str, seed: int, channels: dict[str, int], args: argparse.Namespace) -> str:
-    """What decides a twin's accuracy: architecture, seed (init and data order), data and training settings."""
-    return json.dumps([model_name, seed, args.data, args.limit, args.epochs, args.lr, args.batch_size,
-                       sorted(channels.items())])
+    """What decides a twin's accuracy: architecture, seed (init and data order), data, training settings and
+    the initialisation (``reset`` keys keep their older form, so the cache's earlier entries stay found)."""
+    key = [model_name, seed, args.data, args.limit, args.epochs, args.lr, args.batch_size, sorted(channels.items())]
+    init = getattr(args, "twin_init", "reset")
+    return json.dumps(key if init == "reset" else key + [f"init={init}"])
+
+
+def init_twin(twin: torch.nn.Module, seed: int, init: str) -> torch.nn.Module:
+    """A twin's starting weights: ``model`` is the model zoo's own initialisation (Kaiming-normal convolutions,
+    BatchNorm 1/0, as ``create_model`` initialises the full network); ``reset`` is PyTorch's per-layer default."""
+    reinit(twin, seed)
+    if init == "model":
+        init_weights(twin)
+    return twin
 
 
 def load_twins(path: Path) -> dict[str, dict]:
@@ -126,26 +151,47 @@ def store_twin(path: Path, key: str, row: dict) -> None:
     tmp.replace(path)
 
 
-def twin_accuracy(model_name: str, seed: int, em: ne.ElasticModel, i: int, args: argparse.Namespace, splits: Any,
-                  test: Any, device: torch.device) -> dict:
-    """Level ``i``'s architecture trained from scratch for ``--epochs`` (same data and order), from the cache if there."""
-    key = twin_key(model_name, seed, em.levels[i].channels, args)
+def twin_accuracy(model_name: str, seed: int, em: ne.ElasticModel, channels: dict[str, int], args: argparse.Namespace,
+                  splits: Any, test: Any, device: torch.device) -> dict:
+    """The architecture of ``channels`` (an ``em`` level) trained from scratch for ``--epochs`` (same data and order),
+    from the cache if there."""
+    key = twin_key(model_name, seed, channels, args)
     cache = Path(args.twin_cache) if args.twin_cache else None
     if cache is not None and key in load_twins(cache):
         return load_twins(cache)[key]
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=seed)
-    twin = reinit(em.export(i), seed)
+    twin = init_twin(em.export(level_spec(em, channels)), seed, args.twin_init)
     t0 = time.time()
-    train(twin, splits.train, None, cfg, device=device, quiet=args.quiet, desc=f"twin {i}")
+    train(twin, splits.train, None, cfg, device=device, quiet=args.quiet, desc="twin")
     row = {"twin_accuracy": evaluate(twin, test, device=device)["accuracy"], "twin_seconds": time.time() - t0}
     if cache is not None:
         store_twin(cache, key, row)
     return row
 
 
+def twins_from(args: argparse.Namespace, device: torch.device) -> int:
+    """Train the twins of every trained level stored in ``--twins-from`` result files into the cache (no elastic
+    runs): each architecture is rebuilt from its channel counts, initialised by ``--twin-init``."""
+    for path in args.twins_from.split(","):
+        data = json.loads(Path(path).read_text())
+        for name, entry in data["results"].items():
+            if name not in args.models.split(","):
+                continue
+            for run in entry["runs"]:
+                seed = run["seed"]
+                splits = ne.data.load_dataset(args.data, root=args.data_root, limit=args.limit, seed=seed)
+                test = splits.test if splits.test is not None else splits.val
+                em = ne.ElasticModel(build_model(name, splits), splits.example_inputs(), widths=(1.0,))
+                for i, row in enumerate(run["levels"]):
+                    result = twin_accuracy(name, seed, em, row["channels"], args, splits, test, device)
+                    print(f"  {name} seed {seed} twin {i} ({args.twin_init} init): {100 * result['twin_accuracy']:.2f} "
+                          f"(stored: {100 * row['twin_accuracy']:.2f})", flush=True)
+    return 0
+
+
 def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, test: Any, device: torch.device) -> dict:
     torch.manual_seed(seed)
-    model = ne.create_model(model_name, num_classes=splits.num_classes, in_channels=splits.in_channels)
+    model = build_model(model_name, splits)
     spec = parse_spec(args.levels)
     level_kw = {"widths": spec["widths"]} if "widths" in spec else {"levels": spec}
     pretrain = args.epochs if args.pretrain_epochs is None else args.pretrain_epochs
@@ -170,7 +216,8 @@ def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, 
         except _Stop:
             pass
         for i in range(pg.elastic_model_.num_levels):
-            row = twin_accuracy(model_name, seed, pg.elastic_model_, i, args, splits, test, device)
+            row = twin_accuracy(model_name, seed, pg.elastic_model_, pg.elastic_model_.levels[i].channels, args, splits,
+                                test, device)
             print(f"  {model_name} seed {seed} twin {i}: {100 * row['twin_accuracy']:.2f}", flush=True)
         return {}
     em = pg.fit(model, splits.train, val, example_inputs=splits.example_inputs()).elastic_model
@@ -227,15 +274,13 @@ def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, 
     for row, point in zip(searched, added):
         if row.get("is_uniform"):
             row.update({k: point[k] for k in ("macs", "macs_ratio", "accuracy", "latency_ms")})
-    # twins: each trained level's architecture from scratch, same epochs and data order; the added
-    # levels shifted the indices, so a trained level is found by its channels
+    # twins: each trained level's architecture (by its channels) from scratch, same epochs and data order
     for i, row in enumerate(levels):
         if args.no_twins:
             print(f"  {model_name} seed {seed} level {i}: MACs {row['macs_ratio']:.3f}, elastic {100 * row['accuracy']:.2f}",
                   flush=True)
             continue
-        index = next(lv.index for lv in em.levels if lv.channels == row["channels"])
-        row.update(twin_accuracy(model_name, seed, em, index, args, splits, test, device))
+        row.update(twin_accuracy(model_name, seed, em, row["channels"], args, splits, test, device))
         row["delta_pp"] = 100 * (row["accuracy"] - row["twin_accuracy"])
         print(f"  {model_name} seed {seed} level {i}: MACs {row['macs_ratio']:.3f}, elastic {100 * row['accuracy']:.2f}, "
               f"twin {100 * row['twin_accuracy']:.2f} ({row['delta_pp']:+.2f} pp)", flush=True)
@@ -298,7 +343,8 @@ def table(model_name: str, summary: dict, args: argparse.Namespace, n_train: int
         if getattr(args, "distill", 0):
             schedule += f", distill {args.distill} at T={args.distill_temperature}"
     lines = [f"### {model_name}, {args.levels}, seeds {summary['seeds']} ({n_train} train samples, {n_test} test, "
-             f"{args.epochs} epochs, grow_mode={args.grow_mode}, importance={args.importance}{schedule})", "",
+             f"{args.epochs} epochs, grow_mode={args.grow_mode}, importance={args.importance}{schedule}; "
+             f"twins: {getattr(args, 'twin_init', 'reset')} init)", "",
              "| level | MACs ratio | latency ms (b{}) | elastic acc | twin acc | delta pp |".format(args.latency_batch),
              "|---|---|---|---|---|---|"]
     for r in summary["levels"]:
@@ -351,7 +397,7 @@ def plot(results: dict, path: Path) -> None:
                 ax.axvline(0.4, color="grey", lw=0.8, ls="-.")
             ax.set_xlabel(label)
             ax.set_ylabel("test accuracy (%)")
-            ax.set_title(f"{name}: mean ± std over seeds {s['seeds']}")
+            ax.set_title(f"{name.replace(':', ' ')}\nmean ± std over seeds {s['seeds']}", fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
@@ -360,7 +406,8 @@ def plot(results: dict, path: Path) -> None:
 
 
 # settings that may differ between the processes whose results --merge combines
-_PER_PROCESS = {"models", "seeds", "out", "resume", "quiet", "device", "twin_cache", "merge", "twins_only"}
+_PER_PROCESS = {"models", "seeds", "out", "resume", "quiet", "device", "twin_cache", "merge", "twins_only", "twins_from",
+                "twin_init"}
 
 
 def merge(args: argparse.Namespace) -> int:
@@ -368,7 +415,7 @@ def merge(args: argparse.Namespace) -> int:
     files = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
     defaults = vars(build_parser().parse_args([]))  # a setting missing from an older file had its default
     for data in files:
-        data["args"] = {**defaults, **data["args"]}
+        data["args"] = {**defaults, "twin_init": "reset", **data["args"]}  # files before --twin-init had reset twins
     settings = {k: v for k, v in files[0]["args"].items() if k not in _PER_PROCESS}
     results: dict = {}
     for path, data in zip(args.merge.split(","), files):
@@ -381,7 +428,8 @@ def merge(args: argparse.Namespace) -> int:
             seeds = {r["seed"] for r in target["runs"]}
             target["runs"] += [r for r in entry["runs"] if r["seed"] not in seeds]
             target.update(train_samples=entry["train_samples"], test_samples=entry["test_samples"])
-    run_args = argparse.Namespace(**files[0]["args"])
+    run_args = argparse.Namespace(**{**files[0]["args"], "twin_init": args.twin_init})
+    inits = {name: data["args"]["twin_init"] for data in files for name in data["results"]}
     # twins by architecture from the cache: results written before the added-levels index fix
     # (twins of em.levels[i] after add_level, i.e. of other architectures) get their own twins
     cache = load_twins(Path(args.twin_cache)) if args.twin_cache else {}
@@ -389,10 +437,17 @@ def merge(args: argparse.Namespace) -> int:
         for run in entry["runs"]:
             for row in run["levels"]:
                 hit = cache.get(twin_key(name, run["seed"], row["channels"], run_args))
-                if hit is not None and hit["twin_accuracy"] != row.get("twin_accuracy"):
-                    row.update(hit, twin_corrected=True)
+                if hit is None and inits[name] != args.twin_init:
+                    raise SystemExit(f"--merge: no {args.twin_init}-initialised twin of {name} seed {run['seed']} in "
+                                     f"{args.twin_cache}; train them first: --twins-from {args.merge} --twin-init "
+                                     f"{args.twin_init}")
                 if hit is None and not row.get("twin_corrected"):
                     row["twin_unchecked"] = True
+                elif hit is not None and inits[name] != args.twin_init:  # the run's twins had another initialisation
+                    row.setdefault(f"twin_accuracy_{inits[name]}_init", row["twin_accuracy"])
+                    row.update(hit)
+                elif hit is not None and hit["twin_accuracy"] != row.get("twin_accuracy"):
+                    row.update(hit, twin_corrected=True)
                 row["delta_pp"] = 100 * (row["accuracy"] - row["twin_accuracy"])
     tables = []
     for name, entry in results.items():
@@ -401,7 +456,7 @@ def merge(args: argparse.Namespace) -> int:
         tables.append(table(name, entry["summary"], run_args, entry["train_samples"], entry["test_samples"]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": files[0]["args"], "merged_from": args.merge.split(","), "device": files[0]["device"],
+    out.write_text(json.dumps({"args": vars(run_args), "merged_from": args.merge.split(","), "device": files[0]["device"],
                                "torch": files[0]["torch"], "date": files[0]["date"], "results": results}, indent=2))
     text = "\n".join(tables)
     print(text)
@@ -412,7 +467,9 @@ def merge(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="resnet20,mobilenetv2_tiny")
+    p.add_argument("--models", default="resnet20,mobilenetv2_tiny",
+                   help="comma-separated model names, each optionally with :key=value arguments "
+                        "(vgg16_bn:width_multiplier=0.25)")
     p.add_argument("--data", default="fashion_mnist")
     p.add_argument("--data-root", default=None)
     p.add_argument("--limit", type=int, default=6000, help="training samples (the test split is always whole)")
@@ -440,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-twins", action="store_true", help="elastic levels only (quick iteration)")
     p.add_argument("--twins-only", action="store_true",
                    help="pretrain and choose the levels, then train only their twins into --twin-cache")
+    p.add_argument("--twin-init", choices=("model", "reset"), default="model",
+                   help="twins' initialisation: the model zoo's own (Kaiming-normal convolutions, as create_model gives "
+                        "the full network) or PyTorch's per-layer default (results before 2026-11-26's sixth session)")
+    p.add_argument("--twins-from", default=None,
+                   help="comma-separated result files: train the twins of their trained levels into the cache, nothing else")
     p.add_argument("--twin-cache", default="benchmarks/results/prune_and_grow_frontier_twins.json",
                    help="twin accuracies by architecture, seed and training settings ('' : no cache)")
     p.add_argument("--lr", type=float, default=0.05)
@@ -455,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.twins_from:
+        return twins_from(args, resolve_device(args.device))
     if args.merge:
         return merge(args)
     device = resolve_device(args.device)
