@@ -445,6 +445,7 @@ def merge(args: argparse.Namespace) -> int:
                     row["twin_unchecked"] = True
                 elif hit is not None and inits[name] != args.twin_init:  # the run's twins had another initialisation
                     row.setdefault(f"twin_accuracy_{inits[name]}_init", row["twin_accuracy"])
+                    row.pop("from", None)  # where the replaced twin came from
                     row.update(hit)
                 elif hit is not None and hit["twin_accuracy"] != row.get("twin_accuracy"):
                     row.update(hit, twin_corrected=True)
