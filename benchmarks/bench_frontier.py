@@ -117,7 +117,10 @@ def build_model(spec: str, splits: Any) -> torch.nn.Module:
         key, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"--models: {pair!r} in {spec!r} is not key=value (e.g. vgg16_bn:width_multiplier=0.25)")
-        kwargs[key] = json.loads(value)
+        try:
+            kwargs[key] = json.loads(value)  # numbers, true/false, lists
+        except ValueError:
+            kwargs[key] = value  # a plain string
     return ne.create_model(name, num_classes=splits.num_classes, in_channels=splits.in_channels, **kwargs)
 
 
