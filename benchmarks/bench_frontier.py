@@ -146,12 +146,16 @@ def load_twins(path: Path) -> dict[str, dict]:
 
 
 def store_twin(path: Path, key: str, row: dict) -> None:
-    """Add one twin to the cache (re-read first: several processes may share the file)."""
-    cache = load_twins(path)
-    cache[key] = row
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cache, indent=1))
-    tmp.replace(path)
+    """Add one twin to the cache: re-read and replaced under a lock, as several processes may share the file."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cache = load_twins(path)
+        cache[key] = row
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.replace(path)
 
 
 def twin_accuracy(model_name: str, seed: int, em: ne.ElasticModel, channels: dict[str, int], args: argparse.Namespace,
