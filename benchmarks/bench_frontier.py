@@ -178,19 +178,22 @@ def twin_accuracy(model_name: str, seed: int, em: ne.ElasticModel, channels: dic
 
 def twins_from(args: argparse.Namespace, device: torch.device) -> int:
     """Train the twins of every trained level stored in ``--twins-from`` result files into the cache (no elastic
-    runs): each architecture is rebuilt from its channel counts, initialised by ``--twin-init``."""
+    runs): each architecture is rebuilt from its channel counts, initialised by ``--twin-init``; data and training
+    settings are the file's."""
     for path in args.twins_from.split(","):
         data = json.loads(Path(path).read_text())
+        stored = {k: data["args"][k] for k in ("data", "data_root", "limit", "epochs", "lr", "batch_size")}
+        run_args = argparse.Namespace(**{**vars(args), **stored})
         for name, entry in data["results"].items():
             if name not in args.models.split(","):
                 continue
             for run in entry["runs"]:
                 seed = run["seed"]
-                splits = ne.data.load_dataset(args.data, root=args.data_root, limit=args.limit, seed=seed)
+                splits = ne.data.load_dataset(run_args.data, root=run_args.data_root, limit=run_args.limit, seed=seed)
                 test = splits.test if splits.test is not None else splits.val
                 em = ne.ElasticModel(build_model(name, splits), splits.example_inputs(), widths=(1.0,))
                 for i, row in enumerate(run["levels"]):
-                    result = twin_accuracy(name, seed, em, row["channels"], args, splits, test, device)
+                    result = twin_accuracy(name, seed, em, row["channels"], run_args, splits, test, device)
                     print(f"  {name} seed {seed} twin {i} ({args.twin_init} init): {100 * result['twin_accuracy']:.2f} "
                           f"(stored: {100 * row['twin_accuracy']:.2f})", flush=True)
     return 0
