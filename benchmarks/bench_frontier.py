@@ -27,6 +27,7 @@ its twin - 0.3 pp in the mean, the smallest >= its twin; compute <= 1.5x one ful
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import statistics
 import sys
@@ -128,8 +129,7 @@ def twin_key(model_name: str, seed: int, channels: dict[str, int], args: argpars
     """What decides a twin's accuracy: architecture, seed (init and data order), data, training settings and
     the initialisation (``reset`` keys keep their older form, so the cache's earlier entries stay found)."""
     key = [model_name, seed, args.data, args.limit, args.epochs, args.lr, args.batch_size, sorted(channels.items())]
-    init = getattr(args, "twin_init", "reset")
-    return json.dumps(key if init == "reset" else key + [f"init={init}"])
+    return json.dumps(key if args.twin_init == "reset" else key + [f"init={args.twin_init}"])
 
 
 def init_twin(twin: torch.nn.Module, seed: int, init: str) -> torch.nn.Module:
@@ -147,8 +147,6 @@ def load_twins(path: Path) -> dict[str, dict]:
 
 def store_twin(path: Path, key: str, row: dict) -> None:
     """Add one twin to the cache: re-read and replaced under a lock, as several processes may share the file."""
-    import fcntl
-
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         cache = load_twins(path)
@@ -164,8 +162,9 @@ def twin_accuracy(model_name: str, seed: int, em: ne.ElasticModel, channels: dic
     from the cache if there."""
     key = twin_key(model_name, seed, channels, args)
     cache = Path(args.twin_cache) if args.twin_cache else None
-    if cache is not None and key in load_twins(cache):
-        return load_twins(cache)[key]
+    cached = load_twins(cache).get(key) if cache is not None else None
+    if cached is not None:
+        return cached
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=seed)
     twin = init_twin(em.export(level_spec(em, channels)), seed, args.twin_init)
     t0 = time.time()
@@ -225,9 +224,8 @@ def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, 
             pg.fit(model, splits.train, val, example_inputs=splits.example_inputs())
         except _Stop:
             pass
-        for i in range(pg.elastic_model_.num_levels):
-            row = twin_accuracy(model_name, seed, pg.elastic_model_, pg.elastic_model_.levels[i].channels, args, splits,
-                                test, device)
+        for i, lv in enumerate(pg.elastic_model_.levels):
+            row = twin_accuracy(model_name, seed, pg.elastic_model_, lv.channels, args, splits, test, device)
             print(f"  {model_name} seed {seed} twin {i}: {100 * row['twin_accuracy']:.2f}", flush=True)
         return {}
     em = pg.fit(model, splits.train, val, example_inputs=splits.example_inputs()).elastic_model
@@ -354,7 +352,7 @@ def table(model_name: str, summary: dict, args: argparse.Namespace, n_train: int
             schedule += f", distill {args.distill} at T={args.distill_temperature}"
     lines = [f"### {model_name}, {args.levels}, seeds {summary['seeds']} ({n_train} train samples, {n_test} test, "
              f"{args.epochs} epochs, grow_mode={args.grow_mode}, importance={args.importance}{schedule}; "
-             f"twins: {getattr(args, 'twin_init', 'reset')} init)", "",
+             f"twins: {args.twin_init} init)", "",
              "| level | MACs ratio | latency ms (b{}) | elastic acc | twin acc | delta pp |".format(args.latency_batch),
              "|---|---|---|---|---|---|"]
     for r in summary["levels"]:
