@@ -206,7 +206,8 @@ def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, 
     pretrain = args.epochs if args.pretrain_epochs is None else args.pretrain_epochs
     pg = ne.PruneAndGrow(**level_kw, pretrain_epochs=pretrain, prune_steps=args.prune_steps,
                          finetune_epochs=args.finetune_epochs, core_epochs=args.core_epochs, grow_epochs=args.grow_epochs,
-                         final_grow_epochs=args.final_grow_epochs, path_samples=args.path_samples, grow_lr=args.grow_lr,
+                         final_grow_epochs=args.final_grow_epochs,
+                         final_grow_levels=args.final_grow_levels, path_samples=args.path_samples, grow_lr=args.grow_lr,
                          finetune_lr=args.finetune_lr, grow_mode=args.grow_mode,
                          distill=args.distill, distill_temperature=args.distill_temperature,
                          importance=args.importance, lr=args.lr, batch_size=args.batch_size, seed=seed, device=device,
@@ -347,7 +348,9 @@ def table(model_name: str, summary: dict, args: argparse.Namespace, n_train: int
         core = getattr(args, "core_epochs", None)
         schedule = (f", pretrain {args.pretrain_epochs}, finetune {args.finetune_epochs}/step"
                     f"{'' if core is None else f' (core {core})'}, grow {args.grow_epochs}, "
-                    f"final grow {args.final_grow_epochs}, path samples {getattr(args, 'path_samples', 0)}")
+                    f"final grow {args.final_grow_epochs}"
+                    f"{'' if args.final_grow_levels == 1 else f' (levels {args.final_grow_levels})'}, "
+                    f"path samples {getattr(args, 'path_samples', 0)}")
         if getattr(args, "distill", 0):
             schedule += f", distill {args.distill} at T={args.distill_temperature}"
     lines = [f"### {model_name}, {args.levels}, seeds {summary['seeds']} ({n_train} train samples, {n_test} test, "
@@ -497,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grow-epochs", type=int, default=1)
     p.add_argument("--pretrain-epochs", type=int, default=None, help="default: --epochs")
     p.add_argument("--final-grow-epochs", type=int, default=None, help="the last (joint: all levels) grow step; default --grow-epochs")
+    p.add_argument("--final-grow-levels", type=int, default=1,
+                   help="freeze mode: the largest levels that train together in the last grow step (1: the full level alone)")
     p.add_argument("--grow-lr", type=float, default=None, help="default: the strategy's (lr / 2)")
     p.add_argument("--finetune-lr", type=float, default=None, help="default: the strategy's (lr / 5)")
     p.add_argument("--path-samples", type=int, default=0, help="random points between levels per joint batch")

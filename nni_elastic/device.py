@@ -24,3 +24,23 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             raise ValueError(f"device {name!r} requested but CUDA is not available; use --device auto or cpu")
         return torch.device(name)
     raise ValueError(f"unknown device {name!r}; use one of {', '.join(DEVICES)} (or cuda:N)")
+
+
+def module_device(module: torch.nn.Module) -> torch.device | None:
+    """Where ``module``'s first parameter (or buffer) lives; None for a module with neither."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return None
+
+
+def run_device(module: torch.nn.Module, device: str | torch.device = "auto") -> torch.device:
+    """The device to run ``module`` on: ``auto`` is where the module already is (a model loaded
+    on the CPU is evaluated there, one trained on CUDA stays there); anything else is resolved as
+    :func:`resolve_device` does, and the caller moves the module."""
+    if str(device) == "auto":
+        here = module_device(module)
+        if here is not None and here.type != "meta":
+            return here
+    return resolve_device(device)

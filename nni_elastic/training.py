@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from .device import resolve_device
+from .device import resolve_device, run_device
 from .options import check_options, option
 
 __all__ = [
@@ -147,10 +147,13 @@ def predictions(model: nn.Module, data: Dataset, *, batch_size: int = 256,
                 device: str | torch.device = "auto") -> torch.Tensor:
     """``model``'s logits (eval mode) for every sample of ``data``, in order, as float32 on the CPU.
 
+    ``device`` as in :func:`evaluate` (``auto``: where the model is).
+
     A forward pass costs about a third of a training step (:data:`FORWARD_COST`). Every process of
     a multi-process run computes all rows (each samples any index later).
     """
-    device = resolve_device(device)
+    device = run_device(model, device)
+    model.to(device)
     was_training = model.training
     model.eval()
     rows = []
@@ -209,11 +212,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 def evaluate(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256, device: str | torch.device = "auto") -> dict[str, float]:
     """Mean cross-entropy and accuracy of ``model`` (in eval mode) on ``data``.
 
+    ``device="auto"`` runs where the model's parameters are (a checkpoint loaded on the CPU is
+    evaluated there on a CUDA machine too); a named device moves the model there first.
+
     In a multi-process run (:mod:`nni_elastic.distributed`) every process evaluates its share of a
     dataset and the counts are summed, so each gets the metrics of the whole set; call it on every
     process.
     """
-    device = resolve_device(device)
+    device = run_device(model, device)
+    model.to(device)
     was_training = model.training
     model.eval()
     sharded = dist.is_distributed() and not isinstance(data, DataLoader)

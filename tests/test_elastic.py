@@ -572,3 +572,28 @@ def test_sliced_equals_exported_on_cuda() -> None:
     em.set_level(0.6)
     with torch.no_grad():
         assert rel_diff(em(x), em.export()(x)) <= TOL
+
+
+def test_evaluation_runs_where_the_model_is_and_auto_falls_back_to_the_default() -> None:
+    from nni_elastic.device import module_device, run_device, resolve_device
+    from nni_elastic.training import evaluate
+    data = load_dataset("digits", limit=64).val
+    model = create_model("resnet20", num_classes=10, in_channels=1)
+    assert module_device(model) == torch.device("cpu") and module_device(nn.ReLU()) is None
+    assert run_device(model) == torch.device("cpu")  # a CPU model is evaluated on the CPU, CUDA or not
+    assert run_device(nn.ReLU()) == resolve_device("auto")
+    assert run_device(model.to("meta")) == resolve_device("auto")
+    assert 0 <= evaluate(create_model("resnet20", num_classes=10, in_channels=1), data)["accuracy"] <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_model_traces_with_cpu_example_inputs_and_a_cpu_model_evaluates_on_a_cuda_machine() -> None:
+    from nni_elastic.training import evaluate
+    data = load_dataset("digits", limit=64).val
+    cpu = create_model("resnet20", num_classes=10, in_channels=1)
+    on_cpu = evaluate(cpu, data)
+    assert next(cpu.parameters()).device.type == "cpu"  # evaluated where it is, not moved
+    em = ElasticModel(copy.deepcopy(cpu).cuda(), torch.zeros(1, 1, 8, 8), widths=(0.5, 1.0))  # a CPU batch
+    assert next(em.parameters()).is_cuda and em.num_levels == 2
+    with em.use_level(-1):
+        assert evaluate(em, data)["accuracy"] == pytest.approx(on_cpu["accuracy"], abs=0.05)

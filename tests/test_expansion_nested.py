@@ -160,7 +160,7 @@ def test_nested_checkpoints_hold_the_final_weights_and_load_as_before(digits, tm
                           history_smallest=residual)
     res = result.details
     assert len(res.expansions) == 2 and len(res.checkpoints) == 3
-    final = dict(res.model.named_parameters())
+    final = {name: p.detach().cpu() for name, p in res.model.named_parameters()}  # checkpoints load on the CPU
     for ckpt in res.checkpoints:
         model, meta = load_growth_checkpoint(ckpt.path)
         assert meta["step"] == ckpt.step == res.checkpoints[-1].step  # every level trained to the end

@@ -270,7 +270,8 @@ def test_recalibrated_checkpoints_leave_the_run_unchanged(digits, tmp_path):
         torch.manual_seed(0)
         model = ne.create_model("growable_cnn", num_classes=10, in_channels=1, channels=[4, 8, 8], blocks=[0, 0, 0])
         eg = ne.ExpansionGrowth(threshold=0.0, check_every=23, warmup_steps=23, max_expansions=1, epochs=3, quiet=True,
-                                score_batch=64, grow_until=1.0, checkpoint_bn_batches=batches, checkpoint_dir=out)
+                                score_batch=64, grow_until=1.0, checkpoint_bn_batches=batches, checkpoint_dir=out,
+                                device="cpu")  # exact comparison: a CPU property
         return eg.fit(model, digits.train, digits.val).details
 
     plain, calibrated = run(0, tmp_path / "a"), run(5, tmp_path / "b")

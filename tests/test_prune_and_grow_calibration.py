@@ -21,7 +21,7 @@ def level_output(em: ne.ElasticModel, level: int, x: torch.Tensor) -> torch.Tens
     em.eval()
     try:
         with em.use_level(level):
-            return em(x).clone()
+            return em(x.to(next(em.parameters()).device)).cpu()
     finally:
         for m, mode in modes.items():
             m.train(mode)
@@ -72,3 +72,40 @@ def test_joint_mode_calibrates_every_level(digits, one_thread):
     pg, _, before, final = run(digits, one_thread, grow_mode="joint")
     assert pg.records_["steps"]["calibrate"]["calibrated_levels"] == [0, 1, 2]
     assert not torch.equal(final[0], before[0])
+
+
+def test_final_grow_levels_trains_the_largest_levels_together_and_keeps_the_core(digits, one_thread):
+    torch.manual_seed(0)
+    pg, built, before, final = run(digits, one_thread, grow_mode="freeze", final_grow_levels=2)
+    assert torch.equal(final[0], built[0])  # the core never trains again
+    assert not torch.equal(final[1], built[1])  # level 1 trained again in the last step, with the full level
+    for level in range(3):
+        assert torch.equal(final[level], before[level]), level  # and the calibration left every level alone
+    assert pg.records_["steps"]["calibrate"]["calibrated_levels"] == []
+    em = pg.elastic_model_
+    full = em.levels[-1].macs
+    ratios = [lv.macs / full for lv in em.levels]
+    # the last step ran levels 1 and 2 on every batch; the other grow step ran level 1 alone
+    steps = pg.records_["compute_full_epochs"]
+    plain = ne.PruneAndGrow(**{**SMALL, "grow_mode": "freeze"})
+    assert pg.config()["final_grow_levels"] == 2 and plain.config()["final_grow_levels"] == 1
+    assert steps == pytest.approx(sum(em.count(w)[0] / full for w in pg.prune_path()) + ratios[1] + ratios[1] + ratios[2])
+
+
+def test_final_grow_levels_counts_the_level_it_trains_as_trained(digits):
+    pg = ne.PruneAndGrow(**{**SMALL, "grow_mode": "freeze", "grow_epochs": 0, "final_grow_epochs": 1,
+                            "final_grow_levels": 2})
+    em = type("EM", (), {"num_levels": 3, "bn_mode": "per_level", "graph": type("G", (), {"groups": []})(),
+                         "levels_": [type("L", (), {"channels": {"g": 1}})()]})()
+    assert pg._stale_levels(em) == []
+    assert ne.PruneAndGrow(**{**SMALL, "grow_mode": "freeze", "grow_epochs": 0, "final_grow_epochs": 1})._stale_levels(em) == [1]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(grow_mode="joint", final_grow_levels=2), r"final_grow_levels=2 needs grow_mode='freeze'"),
+    (dict(grow_mode="freeze", final_grow_levels=3), r"final_grow_levels=3 must be at most 2, the number of levels above the core"),
+    (dict(grow_mode="freeze", final_grow_levels=0), r"final_grow_levels"),
+])
+def test_final_grow_levels_errors_name_the_setting(settings, message):
+    with pytest.raises(ValueError, match=message):
+        ne.PruneAndGrow(**{**SMALL, **settings})

@@ -279,8 +279,11 @@ class Strategy(abc.ABC):
         now = self.config()
         if stored is None or stored == now:
             return
-        keys = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
-        if not keys:  # written before a setting existed, which has its default (None) now
+        # a setting missing from the checkpoint did not exist when it was written: that run had its default
+        defaults = {f.name: f.default for obj in (self.options, self.train) for f in dataclasses.fields(obj)
+                    if f.default is not dataclasses.MISSING}
+        keys = sorted(k for k in set(stored) | set(now) if stored.get(k, defaults.get(k)) != now.get(k))
+        if not keys:
             return
         changes = ", ".join(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in keys)
         raise ValueError(f"resume: {path} was written with other settings ({changes}); resume with the same "

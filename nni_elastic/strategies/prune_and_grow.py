@@ -77,6 +77,7 @@ class PruneAndGrowOptions:
     core_epochs: Optional[int] = option(None, ge=0)
     grow_epochs: int = option(2, ge=0)
     final_grow_epochs: Optional[int] = option(None, ge=0)
+    final_grow_levels: int = option(1, ge=1)
     path_samples: int = option(0, ge=0)
     grow_mode: str = option("joint", choices=GROW_MODES)
     regrow: str = option("restore", choices=REGROW_MODES)
@@ -114,6 +115,12 @@ class PruneAndGrow(Strategy):
             ``grow_mode="joint"`` every level trains in it by the sandwich rule); default
             ``grow_epochs``. A short pretraining and a long final joint step spend the compute
             where all levels share it (see benchmarks/README.md, frontier).
+        final_grow_levels: with ``grow_mode="freeze"``, how many of the largest levels train
+            together in the last grow step, by the sandwich rule (the largest on the labels, the
+            others distilled from it in place), on their channels above the level under them:
+            1 (default) trains only the full level's new channels; 2 also lets the full level
+            adapt the channels that the level under it added, which that level then learns
+            with it. Levels below those stay bit-identical; the core never trains again.
         path_samples: with ``grow_mode="joint"``, random points between two consecutive levels
             (each group's channels interpolated at one random fraction) also trained per batch,
             distilled from the largest level as the levels are; so ``ElasticModel.add_level``
@@ -124,7 +131,8 @@ class PruneAndGrow(Strategy):
             grow steps distil from their largest level in place). 0 (default): labels only.
         distill_temperature: softmax temperature of that distillation.
         grow_mode: ``"joint"`` (sandwich rule over the levels built so far) or ``"freeze"``
-            (only the new channels train; smaller levels stay bit-identical).
+            (only the new channels train; smaller levels stay bit-identical, except those that
+            ``final_grow_levels`` > 1 trains in the last step).
         regrow: ``"restore"`` the pruned weights or ``"reinit"`` the re-enabled channels.
         lr, finetune_lr, grow_lr: learning rates (pretraining, fine-tuning, growing; the latter
             two default to ``lr / 5`` and ``lr / 2``).
@@ -161,6 +169,14 @@ class PruneAndGrow(Strategy):
             self.elastic = dataclasses.replace(self.elastic, widths=list(budget.values), levels=None)
         # latency budgets: any level may be below the full network on this device
         below_full = len(budget.values) if budget.kind == "latency_ms" else sum(1 for w in budget.values if w < 1.0)
+        o = self.options
+        if o.final_grow_levels > 1 and o.grow_mode != "freeze":
+            raise ValueError(f"final_grow_levels={o.final_grow_levels!r} needs grow_mode='freeze' (grow_mode="
+                             f"{o.grow_mode!r} trains every level in the last grow step already); set it to 1")
+        if o.final_grow_levels > len(budget.values) - 1:
+            raise ValueError(f"final_grow_levels={o.final_grow_levels!r} must be at most {len(budget.values) - 1}, the "
+                             f"number of levels above the core ({len(budget.values)} levels; the core never trains "
+                             f"again after its pruning step)")
         if self.options.prune_steps < max(1, below_full):
             raise ValueError(f"prune_steps={self.options.prune_steps!r} must be an integer >= {max(1, below_full)} "
                              f"(one step per level below the full network)")
@@ -333,7 +349,8 @@ class PruneAndGrow(Strategy):
         o, t, e = self.options, self.train, self.elastic
         out = {"widths": e.widths, "levels": e.levels, "prune_steps": o.prune_steps, "pretrain_epochs": o.pretrain_epochs,
                "finetune_epochs": o.finetune_epochs, "core_epochs": o.core_epochs, "grow_epochs": o.grow_epochs,
-               "final_grow_epochs": o.final_grow_epochs, "path_samples": o.path_samples, "grow_mode": o.grow_mode,
+               "final_grow_epochs": o.final_grow_epochs,
+               "final_grow_levels": o.final_grow_levels, "path_samples": o.path_samples, "grow_mode": o.grow_mode,
                "regrow": o.regrow, "distill": o.distill or None,
                "distill_temperature": o.distill_temperature if o.distill else None, "lr": t.lr,
                "finetune_lr": self.finetune_lr, "grow_lr": self.grow_lr,
@@ -435,7 +452,12 @@ class PruneAndGrow(Strategy):
             _reinit(em.model, fresh)
         epochs = self._grow_epochs(level, em.num_levels)
         train_data = data.train
-        if self.options.grow_mode == "freeze":
+        if self.options.grow_mode == "freeze" and level == em.num_levels - 1 and self.options.final_grow_levels > 1:
+            levels = self._final_levels(em.num_levels)
+            below = em.parameter_masks(levels[0] - 1)
+            trainable = {k: new[k] & ~below[k] for k in new}
+            step = lambda m, x, y: elastic_step(m, x, y, levels=levels)  # noqa: E731
+        elif self.options.grow_mode == "freeze":
             trainable, levels = fresh, [level]
             train_data, step = self._single_level(data, epochs)
         else:
@@ -496,6 +518,10 @@ class PruneAndGrow(Strategy):
         final = self.options.final_grow_epochs
         return final if final is not None and level == num_levels - 1 else self.options.grow_epochs
 
+    def _final_levels(self, num_levels: int) -> list[int]:
+        """The levels the last grow step trains in freeze mode (``final_grow_levels`` largest, never the core)."""
+        return list(range(max(1, num_levels - self.options.final_grow_levels), num_levels))
+
     def _calibrate(self, em: ElasticModel, data: _Data) -> dict[str, Any]:
         levels = self._stale_levels(em)
         if self.options.calibrate_batches and levels:
@@ -528,7 +554,8 @@ class PruneAndGrow(Strategy):
         full = {g.name: g.size for g in em.graph.groups}
         core_trained = self._finetune_epochs(0) > 0 and em.levels_[0].channels != full
         stale = [] if core_trained else [0]
-        return stale + [i for i in every[1:] if self._grow_epochs(i, em.num_levels) == 0]
+        final = self._final_levels(em.num_levels) if self._grow_epochs(em.num_levels - 1, em.num_levels) else []
+        return stale + [i for i in every[1:] if self._grow_epochs(i, em.num_levels) == 0 and i not in final]
 
     def _build_report(self, em: ElasticModel, data: _Data) -> None:
         accuracy = (self.records_.get("level_accuracy")
