@@ -71,10 +71,6 @@ def extra_levels(em: ne.ElasticModel, count: int) -> list[dict[str, int]]:
     return out
 
 
-def level_spec(em: ne.ElasticModel, channels: dict[str, int]) -> dict[str, Any]:
-    """Channel counts as a level: a count of 1 would read as the width 1.0 (the whole group), so it is a fraction."""
-    sizes = {g.name: g.size for g in em.graph.groups}
-    return {k: (v if v != 1 else 1.0 / sizes[k]) for k, v in channels.items()}
 
 
 def search_between(em: ne.ElasticModel, lo: dict[str, int], hi: dict[str, int], start: dict[str, int], trials: int,
@@ -87,19 +83,18 @@ def search_between(em: ne.ElasticModel, lo: dict[str, int], hi: dict[str, int], 
     the validation split; ``start`` is the first candidate, so the search is never worse than it on
     validation. Returns (channels, its validation accuracy, ``start``'s validation accuracy).
     """
-    as_level = lambda c: level_spec(em, c)  # noqa: E731
-    cap = em.count(as_level(start))[0]
+    cap = em.count(start)[0]
     g = torch.Generator().manual_seed(seed)
-    start_acc = evaluator.evaluate(as_level(start))
+    start_acc = evaluator.evaluate(start)
     best, best_acc = start, start_acc
     for _ in range(trials):
         for _ in range(20):
             chans = {k: int(round(lo[k] + (hi[k] - lo[k]) * int(torch.randint(5, (1,), generator=g)) / 4)) for k in lo}
-            if chans not in (lo, hi) and em.count(as_level(chans))[0] <= cap:
+            if chans not in (lo, hi) and em.count(chans)[0] <= cap:
                 break
         else:
             continue
-        acc = evaluator.evaluate(as_level(chans))
+        acc = evaluator.evaluate(chans)
         if acc > best_acc:
             best, best_acc = chans, acc
     em.set_level(-1)
@@ -166,7 +161,7 @@ def twin_accuracy(model_name: str, seed: int, em: ne.ElasticModel, channels: dic
     if cached is not None:
         return cached
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=seed)
-    twin = init_twin(em.export(level_spec(em, channels)), seed, args.twin_init)
+    twin = init_twin(em.export(channels), seed, args.twin_init)
     t0 = time.time()
     train(twin, splits.train, None, cfg, device=device, quiet=args.quiet, desc="twin")
     row = {"twin_accuracy": evaluate(twin, test, device=device)["accuracy"], "twin_seconds": time.time() - t0}
@@ -266,9 +261,8 @@ def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, 
                 continue
             # evaluated as an ad-hoc level (BatchNorm calibrated as add_level does): it need not nest with the
             # uniform added points, so it is not added next to them
-            spec = level_spec(em, chans)
-            acc = test_evaluator.evaluate(spec)
-            macs = em.count(spec)[0]
+            acc = test_evaluator.evaluate(chans)
+            macs = em.count(chans)[0]
             em.set_level(-1)
             searched.append({"channels": chans, "macs": macs, "macs_ratio": macs / full_macs, "accuracy": acc,
                              "val_accuracy": val_acc, "uniform_val_accuracy": uniform_val})
@@ -279,7 +273,7 @@ def run_seed(model_name: str, seed: int, args: argparse.Namespace, splits: Any, 
         row["latency_ms"] = em.measure_latency(index, batch_size=args.latency_batch, form="deploy")
     for row in searched:
         if not row.get("is_uniform"):
-            row["latency_ms"] = em.measure_latency(level_spec(em, row["channels"]), batch_size=args.latency_batch, form="deploy")
+            row["latency_ms"] = em.measure_latency(row["channels"], batch_size=args.latency_batch, form="deploy")
     for row, point in zip(searched, added):
         if row.get("is_uniform"):
             row.update({k: point[k] for k in ("macs", "macs_ratio", "accuracy", "latency_ms")})
@@ -344,14 +338,14 @@ def summarize(runs: list[dict]) -> dict:
 
 def table(model_name: str, summary: dict, args: argparse.Namespace, n_train: int, n_test: int) -> str:
     schedule = ""
-    if getattr(args, "pretrain_epochs", None) is not None:  # the compute split, when not the default one
-        core = getattr(args, "core_epochs", None)
+    if args.pretrain_epochs is not None:  # the compute split, when not the default one
+        core = args.core_epochs
         schedule = (f", pretrain {args.pretrain_epochs}, finetune {args.finetune_epochs}/step"
                     f"{'' if core is None else f' (core {core})'}, grow {args.grow_epochs}, "
                     f"final grow {args.final_grow_epochs}"
                     f"{'' if args.final_grow_levels == 1 else f' (levels {args.final_grow_levels})'}, "
-                    f"path samples {getattr(args, 'path_samples', 0)}")
-        if getattr(args, "distill", 0):
+                    f"path samples {args.path_samples}")
+        if args.distill:
             schedule += f", distill {args.distill} at T={args.distill_temperature}"
     lines = [f"### {model_name}, {args.levels}, seeds {summary['seeds']} ({n_train} train samples, {n_test} test, "
              f"{args.epochs} epochs, grow_mode={args.grow_mode}, importance={args.importance}{schedule}; "

@@ -101,7 +101,9 @@ def check_widths(widths: Sequence[float]) -> list[float]:
 def _channels_for(size: int, value: Union[int, float], round_to: int, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{where}: width {value!r} must be a fraction in (0, 1] or a channel count")
-    if isinstance(value, float) or value == 1:
+    # a float is a fraction of the group, an int a channel count: 1 is one channel (what
+    # channels_of returns gives back the same level), the whole group is 1.0
+    if isinstance(value, float):
         if not 0.0 < float(value) <= 1.0:
             raise ValueError(f"{where}: width {value!r} is outside (0, 1]")
         k = int(math.floor(float(value) * size / round_to + 0.5)) * round_to
@@ -128,7 +130,8 @@ class ElasticModel(nn.Module):
         example_inputs: an input batch for tracing (its shape is remembered for MAC counting).
         widths: uniform width multipliers in (0, 1], strictly increasing; one level each.
         levels: instead of ``widths``, one ``{group: fraction or channel count}`` dict per level
-            (groups not named stay at full width); must be nested.
+            (a float is a fraction, an int a channel count: 1 is one channel; groups not named
+            stay at full width); must be nested.
         importance: channel ranking: ``"l1"``, ``"l2"``, ``"bn"``, ``"taylor"``, ``"hessian"``,
             ``"fpgm"``, ``"lamp"``, ``"random"`` or a callable on a torch-pruning group.
         ignored_layers: module paths (or modules) whose output channels never shrink; the
@@ -619,7 +622,9 @@ class ElasticModel(nn.Module):
         return self._state.index
 
     def channels_of(self, level: LevelLike) -> dict[str, int]:
-        """Kept channels per group for a level index, a uniform width or a ``{group: width}`` dict."""
+        """Kept channels per group for a level index, a uniform width or a ``{group: width or count}`` dict.
+
+        The result, given back as a level, is the same level (its ints are channel counts)."""
         if isinstance(level, bool):
             raise ValueError(f"level {level!r} must be an index, a width or a dict")
         if isinstance(level, int):
@@ -674,8 +679,8 @@ class ElasticModel(nn.Module):
         results of a subnet search. The level is saved with the model (:meth:`save`).
 
         Args:
-            spec: a uniform width in (0, 1]; a ``{group: fraction or channel count}`` dict (groups
-                not named stay full); or a subnet search result: a dict with ``"channels"`` (exact
+            spec: a uniform width in (0, 1]; a ``{group: fraction (float) or channel count
+                (int)}`` dict (groups not named stay full); or a subnet search result: a dict with ``"channels"`` (exact
                 counts per group, as the rows of :func:`~nni_elastic.subnet.evaluate_subnet` and of
                 the Optuna and NNI subnet searches hold) or only ``"widths"`` (per-stage widths,
                 :func:`~nni_elastic.stages.stage_level`), or an object with a ``channels`` dict

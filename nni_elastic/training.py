@@ -143,6 +143,15 @@ class IndexedDataset(Dataset):
 
 
 @torch.no_grad()
+def _moved_to(model: nn.Module, device: str | torch.device) -> torch.device:
+    """Where an evaluation runs: ``auto`` where the model is (not moved: a model split over devices
+    stays split), a named device after moving the model there."""
+    target = run_device(model, device)
+    if str(device) != "auto":
+        model.to(target)
+    return target
+
+
 def predictions(model: nn.Module, data: Dataset, *, batch_size: int = 256,
                 device: str | torch.device = "auto") -> torch.Tensor:
     """``model``'s logits (eval mode) for every sample of ``data``, in order, as float32 on the CPU.
@@ -152,8 +161,7 @@ def predictions(model: nn.Module, data: Dataset, *, batch_size: int = 256,
     A forward pass costs about a third of a training step (:data:`FORWARD_COST`). Every process of
     a multi-process run computes all rows (each samples any index later).
     """
-    device = run_device(model, device)
-    model.to(device)
+    device = _moved_to(model, device)
     was_training = model.training
     model.eval()
     rows = []
@@ -219,8 +227,7 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 
     dataset and the counts are summed, so each gets the metrics of the whole set; call it on every
     process.
     """
-    device = run_device(model, device)
-    model.to(device)
+    device = _moved_to(model, device)
     was_training = model.training
     model.eval()
     sharded = dist.is_distributed() and not isinstance(data, DataLoader)

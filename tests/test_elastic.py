@@ -597,3 +597,16 @@ def test_a_cuda_model_traces_with_cpu_example_inputs_and_a_cpu_model_evaluates_o
     assert next(em.parameters()).is_cuda and em.num_levels == 2
     with em.use_level(-1):
         assert evaluate(em, data)["accuracy"] == pytest.approx(on_cpu["accuracy"], abs=0.05)
+
+
+def test_a_channel_count_of_one_is_one_channel_and_channels_of_round_trips() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1),
+                        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    em = ElasticModel(net, torch.zeros(1, 1, 8, 8), widths=(0.25, 1.0))
+    first, second = em.graph.names[1], em.graph.names[0]  # groups of 4 and 8 channels
+    assert em.channels_of(0) == {second: 2, first: 1}
+    for level in range(em.num_levels):
+        assert em.channels_of(em.channels_of(level)) == em.channels_of(level)  # an int is a channel count
+    assert em.channels_of({first: 1, second: 1.0}) == {first: 1, second: 8}  # 1.0 is the whole group
+    with pytest.raises(ValueError, match=r"5 channels requested, the group has 1..4"):
+        em.channels_of({first: 5})

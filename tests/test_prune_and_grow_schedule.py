@@ -88,18 +88,17 @@ def test_freeze_mode_calibrates_a_last_level_that_never_trained():
 
 def test_path_points_are_nested_between_consecutive_levels_and_reproducible():
     chans = [{"a": 2, "b": 4}, {"a": 6, "b": 8}, {"a": 16, "b": 32}]
-    sizes = {"a": 16, "b": 32}
-    first = pg_module._PathPoints(chans, sizes, 3, seed=7)
+    first = pg_module._PathPoints(chans, 3, seed=7)
     points = [p for _ in range(50) for p in first()]
     assert len(points) == 150
-    again = pg_module._PathPoints(chans, sizes, 3, seed=7)
+    again = pg_module._PathPoints(chans, 3, seed=7)
     assert points == [p for _ in range(50) for p in again()]
     inside = 0
     for p in points:
         assert any(all(lo[g] <= p[g] <= hi[g] for g in p) for lo, hi in zip(chans, chans[1:])), p
         inside += p not in chans
     assert inside > 100  # mostly new configurations, not the levels themselves
-    assert pg_module._PathPoints(chans[:1], sizes, 3, seed=0)() == []
+    assert pg_module._PathPoints(chans[:1], 3, seed=0)() == []
 
 
 def test_path_samples_train_points_between_levels_and_count_their_compute(digits):

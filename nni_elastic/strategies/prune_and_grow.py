@@ -120,7 +120,8 @@ class PruneAndGrow(Strategy):
             others distilled from it in place), on their channels above the level under them:
             1 (default) trains only the full level's new channels; 2 also lets the full level
             adapt the channels that the level under it added, which that level then learns
-            with it. Levels below those stay bit-identical; the core never trains again.
+            with it (no ``distill`` teacher in that step). Levels below those stay
+            bit-identical; the core never trains again.
         path_samples: with ``grow_mode="joint"``, random points between two consecutive levels
             (each group's channels interpolated at one random fraction) also trained per batch,
             distilled from the largest level as the levels are; so ``ElasticModel.add_level``
@@ -462,8 +463,8 @@ class PruneAndGrow(Strategy):
             train_data, step = self._single_level(data, epochs)
         else:
             trainable, levels = new, list(range(level + 1))
-            points = _PathPoints([em.channels_of(i) for i in levels], {g.name: g.size for g in em.graph.groups},
-                                 self.options.path_samples, self.train.seed + 1000 * index)
+            points = _PathPoints([em.channels_of(i) for i in levels], self.options.path_samples,
+                                 self.train.seed + 1000 * index)
             step = lambda m, x, y: elastic_step(m, x, y, levels=levels, extra=points())  # noqa: E731
         guard = ParameterGuard(em.model, trainable)
         hist = train(em, train_data, data.val, self._cfg(epochs, self.grow_lr, index),
@@ -619,19 +620,17 @@ class _PathPoints:
     two levels as :meth:`ElasticModel.add_level` points between them are.
     """
 
-    def __init__(self, channels: Sequence[dict[str, int]], sizes: dict[str, int], count: int, seed: int) -> None:
-        self.channels, self.sizes, self.count = list(channels), sizes, count
+    def __init__(self, channels: Sequence[dict[str, int]], count: int, seed: int) -> None:
+        self.channels, self.count = list(channels), count
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self) -> list[dict[str, Union[int, float]]]:
+    def __call__(self) -> list[dict[str, int]]:
         out = []
         for _ in range(self.count if len(self.channels) > 1 else 0):
             i = int(torch.randint(len(self.channels) - 1, (1,), generator=self.generator))
             t = float(torch.rand((), generator=self.generator))
             lo, hi = self.channels[i], self.channels[i + 1]
-            # a count of 1 would read as the width 1.0 (the whole group): give it as a fraction
-            out.append({g: (k if k != 1 else 1.0 / self.sizes[g]) for g in lo
-                        for k in [int(round(lo[g] + (hi[g] - lo[g]) * t))]})
+            out.append({g: int(round(lo[g] + (hi[g] - lo[g]) * t)) for g in lo})
         return out
 
 
