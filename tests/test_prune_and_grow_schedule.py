@@ -133,3 +133,7 @@ def test_resume_accepts_a_checkpoint_written_before_a_setting_existed():
     ne.PruneAndGrow(**FAST)._check_config(stored, "old.pt")  # core_epochs at its default (None): the same run
     with pytest.raises(ValueError, match="core_epochs: None -> 2"):
         ne.PruneAndGrow(core_epochs=2, **FAST)._check_config(stored, "old.pt")
+    stored = {k: v for k, v in ne.PruneAndGrow(grow_mode="freeze", **FAST).config().items() if k != "final_grow_levels"}
+    ne.PruneAndGrow(grow_mode="freeze", **FAST)._check_config(stored, "old.pt")  # written before it existed: 1
+    with pytest.raises(ValueError, match=r"final_grow_levels: 1 -> 2\)"):
+        ne.PruneAndGrow(grow_mode="freeze", final_grow_levels=2, **FAST)._check_config(stored, "old.pt")

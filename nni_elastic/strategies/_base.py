@@ -285,7 +285,7 @@ class Strategy(abc.ABC):
         keys = sorted(k for k in set(stored) | set(now) if stored.get(k, defaults.get(k)) != now.get(k))
         if not keys:
             return
-        changes = ", ".join(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in keys)
+        changes = ", ".join(f"{k}: {stored.get(k, defaults.get(k))!r} -> {now.get(k)!r}" for k in keys)
         raise ValueError(f"resume: {path} was written with other settings ({changes}); resume with the same "
                          f"settings or start a new run in another checkpoint_dir")
 
