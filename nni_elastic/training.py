@@ -142,7 +142,6 @@ class IndexedDataset(Dataset):
         return x, (y, i)
 
 
-@torch.no_grad()
 def _moved_to(model: nn.Module, device: str | torch.device) -> torch.device:
     """Where an evaluation runs: ``auto`` where the model is (not moved: a model split over devices
     stays split), a named device after moving the model there."""
@@ -152,6 +151,7 @@ def _moved_to(model: nn.Module, device: str | torch.device) -> torch.device:
     return target
 
 
+@torch.no_grad()
 def predictions(model: nn.Module, data: Dataset, *, batch_size: int = 256,
                 device: str | torch.device = "auto") -> torch.Tensor:
     """``model``'s logits (eval mode) for every sample of ``data``, in order, as float32 on the CPU.

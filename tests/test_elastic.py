@@ -584,6 +584,9 @@ def test_evaluation_runs_where_the_model_is_and_auto_falls_back_to_the_default()
     assert run_device(nn.ReLU()) == resolve_device("auto")
     assert run_device(model.to("meta")) == resolve_device("auto")
     assert 0 <= evaluate(create_model("resnet20", num_classes=10, in_channels=1), data)["accuracy"] <= 1
+    from nni_elastic.training import predictions
+    logits = predictions(create_model("resnet20", num_classes=10, in_channels=1), data, device="cpu")
+    assert logits.shape == (len(data), 10) and not logits.requires_grad  # no autograd graph kept
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
