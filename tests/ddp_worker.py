@@ -51,6 +51,7 @@ def main(out: Path, mode: str) -> None:
         levels = {f"level{i}.{k}": v for i, lv in enumerate(eg.state_.levels) for k, v in lv.state().items()}
         torch.save({"state": {**{k: v.detach().clone() for k, v in model.state_dict().items()}, **levels},
                     "levels": len(eg.state_.levels), "history": history}, out / f"rank{dist.rank()}.pt")
+        dist.barrier()  # neither process closes its connections while the other still reads
         dist.teardown()
         return
     if mode == "elastic":
@@ -79,6 +80,7 @@ def main(out: Path, mode: str) -> None:
     torch.save({"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
                 "history": history.epochs, "evaluate": sharded, "world": dist.world_size()},
                out / f"rank{dist.rank()}.pt")
+    dist.barrier()  # neither process closes its connections while the other still reads
     dist.teardown()
 
 
