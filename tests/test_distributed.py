@@ -157,3 +157,44 @@ def test_an_nni_trial_can_be_a_torchrun_job(tmp_path):
 
     metric = json.loads((out / "metrics.json").read_text())["metric"]
     assert metric["levels"] == 4 and metric["acc_level0"] > 0.5
+
+
+RANK_FAILS = '''
+from dataclasses import dataclass
+import nni_elastic as ne
+from nni_elastic import distributed as dist
+from nni_elastic.options import option
+
+
+@dataclass
+class RankFailsOptions:
+    epochs: int = option(1, ge=0)
+
+
+@ne.register_strategy("rank_fails")
+class RankFails(ne.Strategy):
+    Options = RankFailsOptions
+
+    def fit(self, model, train_data, val_data, *, resume=False, example_inputs=None):
+        if dist.rank() == 1:
+            raise RuntimeError("rank 1 fails on purpose")
+        dist.from_main({"rank 0": "still working"})  # a collective the failed rank never joins
+        raise AssertionError("rank 0 should have been stopped")
+'''
+
+
+def test_an_nni_trial_whose_rank_fails_ends_instead_of_waiting(tmp_path):
+    """A rank that raises leaves the job (torchrun then stops the others); it does not wait at a barrier
+    while another rank is inside a collective (that waited until gloo's 30-minute timeout)."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "ne_rank_fails.py").write_text(RANK_FAILS)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: rank_fails\nplugins: [ne_rank_fails]\ndevice: cpu\ndata: {name: digits, limit: 200}\n"
+                      "model: {name: growable_cnn, kwargs: {channels: [4, 8, 8], blocks: [0, 0, 0]}}\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugins), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "nni_elastic.nni.trial", "--recipe", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "rank 1 fails on purpose" in proc.stdout + proc.stderr

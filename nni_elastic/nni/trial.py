@@ -120,10 +120,13 @@ def run_trial(recipe: str, *, params: Optional[Mapping[str, Any]] = None, overri
     started = dist.setup_from_env(load_recipe(recipe, dict(overrides or {})).device)
     try:
         received = dist.from_main(received)
-        return _run(recipe, received, params, overrides, level, output, quiet, exports, main)
+        result = _run(recipe, received, params, overrides, level, output, quiet, exports, main)
+        # rank 0 writes and reports; the trial ends when it has. Not on an error: a rank that raised
+        # must leave, so that torchrun stops the others, rather than wait for them here.
+        dist.barrier()
+        return result
     finally:
         if started:
-            dist.barrier()
             dist.teardown()
 
 
