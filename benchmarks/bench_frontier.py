@@ -71,8 +71,6 @@ def extra_levels(em: ne.ElasticModel, count: int) -> list[dict[str, int]]:
     return out
 
 
-
-
 def search_between(em: ne.ElasticModel, lo: dict[str, int], hi: dict[str, int], start: dict[str, int], trials: int,
                    seed: int, evaluator: Any) -> tuple[dict[str, int], float, float]:
     """Random search on the shared weights for the best nested configuration between two levels.

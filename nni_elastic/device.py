@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -44,3 +45,14 @@ def run_device(module: torch.nn.Module, device: str | torch.device = "auto") -> 
         if here is not None and here.type != "meta":
             return here
     return resolve_device(device)
+
+
+def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """Tensors in ``obj`` (a tensor, or tuples, lists and dicts of them) on ``device``; anything else as it is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(x, device, non_blocking) for x in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+    return obj

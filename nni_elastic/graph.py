@@ -18,7 +18,7 @@ import copy
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -29,7 +29,7 @@ from torch_pruning import ops
 from . import _slicing
 
 from ._registry import Registry
-from .device import module_device
+from .device import module_device, to_device
 
 __all__ = [
     "ChannelGroup",
@@ -256,24 +256,13 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
     ``dg.nni_elastic_unmapped_splits``.
     """
     dg = tp.DependencyGraph()
-    example_inputs = _to_device(example_inputs, module_device(model))
+    device = module_device(model)  # a batch from a CPU dataset traces a model on CUDA
+    if device is not None and device.type != "meta":
+        example_inputs = to_device(example_inputs, device)
     with torch.inference_mode(False), torch.enable_grad():  # torch-pruning traces through autograd
         dg.build_dependency(model, example_inputs=example_inputs, verbose=False)
     remap(dg)
     return dg
-
-
-def _to_device(inputs: Any, device: Optional[torch.device]) -> Any:
-    """Example inputs on the model's device (a batch from a CPU dataset traces a model on CUDA)."""
-    if device is None or device.type == "meta":
-        return inputs
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(_to_device(x, device) for x in inputs)
-    if isinstance(inputs, dict):
-        return {k: _to_device(v, device) for k, v in inputs.items()}
-    return inputs
 
 
 def remap(dg: tp.DependencyGraph) -> None:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from .device import resolve_device, run_device
+from .device import resolve_device, run_device, to_device
 from .options import check_options, option
 
 __all__ = [
@@ -336,7 +336,7 @@ def train(
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=True if quiet or not dist.is_main() else None,
                    leave=False, dynamic_ncols=True, mininterval=0.5)
         for x, y in bar:
-            x, y = x.to(device, non_blocking=True), _to_device(y, device)
+            x, y = x.to(device, non_blocking=True), to_device(y, device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             loss = step(net, x, y)
             opt.step()
@@ -363,13 +363,6 @@ def train(
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
     return history
-
-
-def _to_device(y: Any, device: torch.device) -> Any:
-    """Targets to ``device``: a tensor, or a tuple of them (labels with indices, see :class:`IndexedDataset`)."""
-    if isinstance(y, (tuple, list)):
-        return type(y)(_to_device(t, device) for t in y)
-    return y.to(device, non_blocking=True)
 
 
 def _sharded_loader(data: Dataset, cfg: TrainConfig) -> tuple[DataLoader, DistributedSampler]:
